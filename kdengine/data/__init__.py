@@ -1,0 +1,1 @@
+"""LLaVA-format data: records, templates, collator, synthetic scenes and tokenizer."""

@@ -1,0 +1,9 @@
+"""Distillation losses: fused vocab-chunked divergences (MDist) and Gram-cosine RDist.
+
+    from kdengine.losses import fused_linear_divergence, gram_cosine_loss
+"""
+
+from kdengine.losses.divergences import DIVERGENCES
+from kdengine.losses.fused_linear_divergence import fused_linear_divergence, fused_linear_divergence_reference
+
+__all__ = ["DIVERGENCES", "fused_linear_divergence", "fused_linear_divergence_reference"]

@@ -1,0 +1,93 @@
+"""Elementwise algebra of the six divergences, shared by the torch path and mirrored by the Triton kernels.
+
+Notation (one row, one vocabulary block): ``s = log p_s`` and ``t = log p_t`` are the student and
+teacher log-probabilities at temperature T over the compared vocabulary (the first min(V, Vt)
+entries, renormalised there). ``t`` may be ``-inf`` (masked teacher vocabulary).
+
+Every divergence L(p_t, p_s) of a row is ``sum_j elem_j`` and its gradient with respect to the
+student logits z_s (at temperature T, i.e. z_s = raw / T) is
+
+    forward_kl:   dL/dz_s = p_s - p_t
+    otherwise:    dL/dz_s = p_s * (h - c),   c = sum_j p_s,j * h_j   (a per-row scalar)
+
+so a backward pass needs only per-row statistics (log-sum-exps and ``c``) plus one recomputation of
+each logits block. No T^2 factor is applied anywhere (multiply the loss yourself if you want it).
+
+Log-ratio convention: inside ``log(p_t)`` terms the teacher log-probability is floored at
+``LOG_FLOOR = log(smallest normal fp32)`` (about -87.3), so a masked teacher entry costs the reverse
+divergences a large finite penalty instead of ``inf``. Terms weighted by ``p_t = 0`` are exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+BETA_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl")
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def _log_mix(a: torch.Tensor, b: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta * exp(a) + (1 - beta) * exp(b)), stable for -inf entries of ``a``."""
+    return torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
+
+
+def _times_pos(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p * x with the convention 0 * (anything) = 0 (x may be -inf where p == 0)."""
+    return torch.where(p > 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def divergence_terms(
+    s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float, need_h: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Elementwise loss terms and gradient factor of one block.
+
+    Args:
+        s: [BN, BV] fp32 student log-probabilities (finite).
+        t: [BN, BV] fp32 teacher log-probabilities (may hold -inf).
+    Returns:
+        elem: [BN, BV], the row loss is ``elem.sum(-1)`` over all blocks.
+        h: [BN, BV] gradient factor (see module docstring), ``None`` for forward_kl or if not need_h.
+    """
+    p_s = s.exp()
+    p_t = t.exp()
+    t_floor = t.clamp_min(LOG_FLOOR)
+    h = None
+    if divergence == "forward_kl":
+        elem = _times_pos(p_t, t_floor - s)
+    elif divergence == "reverse_kl":
+        diff = s - t_floor
+        elem = p_s * diff
+        h = diff
+    elif divergence == "jsd":
+        log_m = _log_mix(t, s, beta)
+        elem = beta * _times_pos(p_t, t - log_m) + (1.0 - beta) * p_s * (s - log_m)
+        h = (1.0 - beta) * (s - log_m) if need_h else None
+    elif divergence == "skew_forward_kl":
+        log_m = _log_mix(t, s, beta)
+        elem = _times_pos(p_t, t - log_m)
+        h = -(1.0 - beta) * (t - log_m).exp() if need_h else None
+    elif divergence == "skew_reverse_kl":
+        log_m = _log_mix(s, t, beta)
+        ratio = s - log_m
+        elem = p_s * ratio
+        h = ratio - beta * ratio.exp() if need_h else None
+    elif divergence == "tvd":
+        elem = 0.5 * (p_t - p_s).abs()
+        h = 0.5 * torch.sign(p_s - p_t) if need_h else None
+    else:  # validated by the caller; kept as a guard for direct use
+        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
+    return elem, h
+
+
+def divergence_grad(
+    s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, divergence: str, beta: float
+) -> torch.Tensor:
+    """dL/dz_s for one block: [BN, BV]; ``c`` is the per-row [BN] statistic from the forward pass."""
+    p_s = s.exp()
+    if divergence == "forward_kl":
+        return p_s.sub_(t.exp())
+    _, h = divergence_terms(s, t, divergence, beta)
+    return p_s.mul_(h.sub_(c[:, None]))

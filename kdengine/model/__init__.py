@@ -1,0 +1,1 @@
+"""LLaVA model assembly: build, freeze, and hidden-state forward for distillation."""
