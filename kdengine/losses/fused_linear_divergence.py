@@ -235,6 +235,32 @@ def _as_f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def finish_rows(rows_loss, lse_c, z_label, weight, labels, ignore_index, reduction):
+    """Per-row statistics -> (div, ce, w_rows, valid, n_valid); shared by the torch and Triton paths.
+
+    rows_loss, lse_c, z_label: [N] fp32. ce = mean over rows with label != ignore_index (0 if none).
+    """
+    w_rows = _as_f32(weight.detach()) if weight is not None else None
+    div = _reduce(rows_loss * w_rows if w_rows is not None else rows_loss, reduction)
+    if labels is None:
+        return div, torch.zeros((), device=rows_loss.device), w_rows, None, None
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp_min(1)
+    ce = torch.where(valid, lse_c - z_label, 0.0).sum() / n_valid
+    return div, ce, w_rows, valid, n_valid
+
+
+def row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid):
+    """d(output)/d(row divergence) and d(output)/d(row CE) as [N] fp32 vectors (CE: None without labels)."""
+    coef_div = grad_div.float().expand(n)
+    if reduction == "mean":
+        coef_div = coef_div / max(n, 1)
+    if w_rows is not None:
+        coef_div = coef_div * w_rows
+    coef_ce = grad_ce.float() * valid / n_valid if valid is not None else None
+    return coef_div, coef_ce
+
+
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """torch path. Returns (div, ce): div is [N] for reduction='none' else a scalar; ce a scalar
     (0 when labels is None). Gradients flow to student_hidden and student_weight only."""
@@ -308,7 +334,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             lse_t[r0:r1] = st_t.lse()
             lse_c[r0:r1] = st_c.lse() if st_c is not None else lse_s[r0:r1]
             if eager:
-                dx_div[r0:r1] = (st_s.mat / st_s.l[:, None] - st_t.mat / st_t.l[:, None]) * inv_t
+                dx_div[r0:r1] = st_s.mat / st_s.l[:, None] - st_t.mat / st_t.l[:, None]
                 if has_labels:
                     src = st_c if st_c is not None else st_s
                     dx_ce[r0:r1] = src.mat / src.l[:, None]
@@ -322,17 +348,8 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         if divergence != "forward_kl":
             _second_pass(plan, n, logits, xs, xt, lse_s, lse_t, inv_t, divergence, beta, rows_loss, rows_c)
 
-        w_rows = _as_f32(weight.detach()) if weight is not None else None
-        div_rows = rows_loss * w_rows if w_rows is not None else rows_loss
-        div = _reduce(div_rows, reduction)
-        if has_labels:
-            valid = labels != ignore_index
-            n_valid = valid.sum().clamp_min(1)
-            ce = torch.where(valid, lse_c - z_label, 0.0).sum() / n_valid
-        else:
-            valid, n_valid = None, None
-            ce = torch.zeros((), device=dev)
-
+        div, ce, w_rows, valid, n_valid = finish_rows(rows_loss, lse_c, z_label, weight, labels,
+                                                      ignore_index, reduction)
         ctx.save_for_backward(xs, ws, xt, wt, lse_s, lse_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
                               dx_div, dx_ce)
         ctx.cfg = (divergence, beta, inv_t, ignore_index, reduction, plan, eager)
@@ -346,16 +363,9 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         divergence, beta, inv_t, ignore_index, reduction, plan, eager = ctx.cfg
         n, d = xs.shape
         dev = xs.device
-        # per-row coefficients: d(total)/d(row divergence) and d(total)/d(row CE), temperature chain included
-        coef_div = grad_div.float().expand(n) if reduction == "none" else grad_div.float().expand(n).clone()
-        if reduction == "mean":
-            coef_div = coef_div / max(n, 1)
-        if w_rows is not None:
-            coef_div = coef_div * w_rows
-        coef_ce = (grad_ce.float() * valid / n_valid) if labels is not None else None
-
+        coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid)
         if eager:
-            dxs = coef_div[:, None] * dx_div
+            dxs = (coef_div * inv_t)[:, None] * dx_div
             if coef_ce is not None:
                 dxs = dxs + coef_ce[:, None] * dx_ce
             ctx.logits = None
