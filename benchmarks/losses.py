@@ -1,0 +1,178 @@
+"""Loss benchmark: fused divergence and RDist vs naive torch and Liger-Kernel, in one run.
+
+    python -m benchmarks.losses            # the issue's shape: N=512, Ds=896, Dt=1536, V=151936, fp32
+    python -m benchmarks.losses --quick    # a smaller shape for a fast look
+
+Every row is one step (forward + backward, CE in the same pass) measured in a fresh process.
+Times are also reported as multiples of the GEMM floor measured in the same run: the unavoidable
+matmuls (teacher logits, student logits, dX, and dW for a trainable head). Rows are appended to
+benchmarks/results/losses.csv with device, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from benchmarks.harness import append_csv, env_info, measure_step, print_table, run_isolated
+
+FULL = dict(n=512, ds=896, dt=1536, v=151936, b=2, p=729)
+QUICK = dict(n=256, ds=256, dt=512, v=32768, b=2, p=128)
+
+
+def _inputs(spec, dtype):
+    g = torch.Generator().manual_seed(0)
+    n, ds, dt, v = spec["n"], spec["ds"], spec["dt"], spec["v"]
+    xs = torch.randn(n, ds, generator=g).to(dtype)
+    ws = (torch.randn(v, ds, generator=g) / math.sqrt(ds)).to(dtype)
+    xt = torch.randn(n, dt, generator=g).to(dtype)
+    wt = (torch.randn(v, dt, generator=g) / math.sqrt(dt)).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return [t.to(dev) for t in (xs, ws, xt, wt, labels)]
+
+
+def divergence_step(spec):
+    """Build inputs and return a step() that runs forward + backward and returns the gradient bytes."""
+    from kdengine.losses import fused_linear_divergence
+
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    xs, ws, xt, wt, labels = _inputs(spec, dtype)
+    frozen = spec["frozen"]
+    xs.requires_grad_(True)
+    ws.requires_grad_(not frozen)
+    grad_bytes = xs.numel() * xs.element_size() + (0 if frozen else ws.numel() * ws.element_size())
+    impl = spec["impl"]
+
+    if impl.startswith("floor"):  # the GEMMs alone, into preallocated outputs
+        zt = torch.empty(xs.shape[0], wt.shape[0], device=xs.device, dtype=dtype)
+        zs = torch.empty_like(zt)
+        dx = torch.empty_like(xs)
+        dw = torch.empty_like(ws)
+
+        def step():
+            with torch.no_grad():
+                torch.mm(xt, wt.T, out=zt)
+                torch.mm(xs, ws.T, out=zs)
+                torch.mm(zs, ws, out=dx)
+                if not frozen:
+                    torch.mm(zs.T, xs, out=dw)
+            return 0
+
+        return step
+
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.0,
+                                          compiled=torch.cuda.is_available())
+
+        def loss():
+            return loss_fn(xs, ws, xt, wt, labels)
+    else:
+        kw = dict(impl={"naive": "reference"}.get(impl, impl), labels=labels)
+        if impl == "torch":
+            kw.update(block_mb=spec.get("block_mb"), cache_mb=spec.get("cache_mb"))
+
+        def loss():
+            div, ce = fused_linear_divergence(xs, ws, xt, wt, **kw)
+            return 0.5 * div + 0.5 * ce
+
+    def step():
+        xs.grad = None
+        ws.grad = None
+        loss().backward()
+        return grad_bytes
+
+    return step
+
+
+def gram_step(spec):
+    from kdengine.losses import gram_cosine_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, p, ds, dt, v = spec["b"], spec["p"], spec["ds"], spec["dt"], spec["v"]
+    hs = torch.randn(b, p, ds, generator=g, requires_grad=True)
+    ws = torch.randn(v, ds, generator=g) / math.sqrt(ds)
+    ht = torch.randn(b, p, dt, generator=g)
+    wt = torch.randn(v, dt, generator=g) / math.sqrt(dt)
+    impl = {"naive": "reference"}.get(spec["impl"], spec["impl"])
+
+    def step():
+        hs.grad = None
+        gram_cosine_loss(hs, ws, ht, wt, impl=impl).backward()
+        return hs.numel() * 4
+
+    return step
+
+
+def worker(spec: dict) -> dict:
+    step = gram_step(spec) if spec["kind"] == "gram" else divergence_step(spec)
+    return measure_step(step, warmup=1, repeats=spec.get("repeats", 3))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller shape (N=256, V=32768)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-mb", type=float, default=700.0, help="logits cache budget for the 'torch+cache' row")
+    ap.add_argument("--no-liger", action="store_true")
+    ap.add_argument("--no-gram", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    shape = QUICK if args.quick else FULL
+    info = env_info()
+    cuda = torch.cuda.is_available()
+    base = dict(kind="div", dtype="float32", repeats=args.repeats, **shape)
+    runs = [("floor4", False, {}), ("naive", False, {}), ("torch", False, {}),
+            ("torch", False, {"cache_mb": args.cache_mb})]
+    if not args.no_liger:
+        runs.append(("liger", False, {}))
+    if cuda:
+        runs.append(("triton", False, {}))
+    runs += [("floor3", True, {}), ("naive", True, {}), ("torch", True, {})]
+    rows = []
+    floors = {}
+    for impl, frozen, extra in runs:
+        spec = dict(base, impl=impl, frozen=frozen, **extra)
+        res = run_isolated("benchmarks.losses", spec)
+        name = impl + ("+cache" if extra.get("cache_mb") else "")
+        head = "frozen" if frozen else "trainable"
+        if impl.startswith("floor"):
+            floors[head] = res["ms"]
+        row = dict(op="divergence+ce", head=head, impl=name,
+                   shape=f"N{shape['n']} Ds{shape['ds']} Dt{shape['dt']} V{shape['v']}",
+                   dtype="float32", ms=res["ms"], x_floor=res["ms"] / floors[head],
+                   work_mb=res["work_mb"] if not impl.startswith("floor") else None, **info)
+        rows.append(row)
+        print(f"  {head:9s} {name:12s} {res['ms']:9.1f} ms  {row['x_floor']:.2f}x floor  "
+              f"work {row['work_mb'] or 0:.0f} MB", flush=True)
+    if not args.no_gram:
+        for impl in ("naive", "torch") + (("triton",) if cuda else ()):
+            spec = dict(kind="gram", impl=impl, repeats=max(2, args.repeats - 1), **shape)
+            res = run_isolated("benchmarks.losses", spec)
+            rows.append(dict(op="rdist", head="frozen", impl=impl,
+                             shape=f"B{shape['b']} P{shape['p']} Ds{shape['ds']} Dt{shape['dt']} V{shape['v']}",
+                             dtype="float32", ms=res["ms"], x_floor=None, work_mb=res["work_mb"], **info))
+            print(f"  rdist     {impl:12s} {res['ms']:9.1f} ms  work {res['work_mb']:.0f} MB", flush=True)
+    by = {(r["op"], r["head"], r["impl"]): r for r in rows}
+    for r in rows:
+        naive = by.get((r["op"], r["head"], "naive"))
+        r["speedup_vs_naive"] = naive["ms"] / r["ms"] if naive else None
+        r["mem_vs_naive"] = (r["work_mb"] / naive["work_mb"]) if (naive and r["work_mb"] is not None) else None
+    cols = ["op", "head", "impl", "ms", "x_floor", "work_mb", "speedup_vs_naive", "mem_vs_naive"]
+    print_table(rows, cols, title=f"fwd+bwd per step, {info['device']}, torch {info['torch']}, commit {info['commit']}")
+    path = append_csv("losses.csv", [{k: r[k] for k in ["date", "commit", "device", "torch", "triton", "op", "head",
+                                                         "impl", "shape", "dtype", "ms", "x_floor", "work_mb"]}
+                                     for r in rows])
+    print(f"\nappended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

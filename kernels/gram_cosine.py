@@ -1,0 +1,398 @@
+"""Triton kernels for the Gram-cosine RDist loss (Gram matrices of visual-token logits).
+
+For one sample with P visual tokens, logits Z = H W^T [P, V] are never formed. With
+G = W^T W [D, D] and A = H @ G [P, D] (fp32, computed in torch by the caller),
+
+    R = Z Z^T = H G H^T,   R[i, j] = A[i] . H[j]        R: [P, P]
+
+and the loss needs, per sample, the three statistics of the student (s) and teacher (t)
+Gram matrices plus, in backward, products (coef_t R_t - coef_s R_s) @ M. Both kernels
+recompute [BP, BP] tiles of R_s and R_t from A and H in registers; no [P, P] buffer is
+ever written to global memory.
+
+Layers in this file:
+    _gram_tile                  @triton.jit helper: one fp32 [BP, BP] tile of A @ H^T
+    _gram_stats_kernel          forward statistics, one program per (j-block, i-block, sample)
+    _gram_grad_matmul_kernel    backward product, one program per (Dm-block, i-block, sample)
+    gram_stats / gram_grad_matmul                      launchers (validation, allocation, grid)
+    gram_stats_reference / gram_grad_matmul_reference  float64 PyTorch oracles (materialise R)
+    GramStatsTriton             autograd.Function (H_s, G_s, H_t, G_t) -> stats, used by
+                                kdengine.losses.gram_cosine with impl="triton"
+
+Rows that are masked out must already be zero in both H and A (the caller zeroes them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# TRITON_INTERPRET is read when @triton.jit decorates, so it must be set before the
+# decorators below run. Without a GPU the interpreter is the only way to run the kernels.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Block sizes: (BP, BD, BDM) = (rows/cols of an R tile, reduction chunk over Ds/Dt,
+# output columns of the backward product). Small blocks under the interpreter keep the
+# numpy work per program small and still exercise every mask on test shapes.
+if INTERPRET:
+    BP_DEFAULT, BD_DEFAULT, BDM_DEFAULT, NUM_WARPS = 16, 16, 16, 1
+else:
+    BP_DEFAULT, BD_DEFAULT, BDM_DEFAULT, NUM_WARPS = 64, 32, 64, 4
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _needs_upcast(dtype_a: torch.dtype, dtype_h: torch.dtype) -> bool:
+    """True unless both operands share a 16-bit dtype that tl.dot can take natively.
+
+    fp32 (no-op cast), fp64 and mixed pairs go to fp32. bf16 is always upcast under the
+    interpreter, whose tl.dot returns garbage on bf16 operands (Triton 3.9).
+    """
+    if dtype_a != dtype_h:
+        return True
+    if dtype_a == torch.float16:
+        return False
+    if dtype_a == torch.bfloat16:
+        return INTERPRET
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gram_tile(
+    a, h, stride_a_p, stride_h_p, D,
+    o_i, o_j, m_i, m_j,
+    BP: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 tile R[o_i, o_j] = A[o_i, :D] @ H[o_j, :D]^T; `a`, `h` point at the sample's row 0."""
+    b_r = tl.zeros([BP, BP], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        p_a = a + o_i[:, None] * stride_a_p + o_d[None, :]
+        p_h = h + o_j[:, None] * stride_h_p + o_d[None, :]
+        b_a = tl.load(p_a, mask=m_i[:, None] & m_d[None, :], other=0.0)
+        b_h = tl.load(p_h, mask=m_j[:, None] & m_d[None, :], other=0.0)
+        if UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_h = b_h.to(tl.float32)
+        b_r = tl.dot(b_a, tl.trans(b_h), b_r, input_precision=DOT_PRECISION)
+    return b_r
+
+
+@triton.heuristics({
+    "UPCAST_S": lambda args: _needs_upcast(args["a_s"].dtype, args["h_s"].dtype),
+    "UPCAST_T": lambda args: _needs_upcast(args["a_t"].dtype, args["h_t"].dtype),
+})
+@triton.jit
+def _gram_stats_kernel(
+    a_s, h_s, a_t, h_t, partial,
+    P, Ds, Dt, NI, NJ,
+    stride_as_b, stride_as_p, stride_hs_b, stride_hs_p,
+    stride_at_b, stride_at_p, stride_ht_b, stride_ht_p,
+    BP: tl.constexpr, BD: tl.constexpr, SYMMETRIC: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """partial[b, i, j] = [sum R_s*R_t, sum R_s^2, sum R_t^2] over tile (i, j) of sample b.
+
+    SYMMETRIC: only tiles j >= i run (the others keep the zeros the launcher allocated),
+    off-diagonal tiles count twice.
+    """
+    i_j = tl.program_id(0).to(tl.int64)
+    i_i = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    if SYMMETRIC:
+        if i_j < i_i:
+            return
+
+    o_i = i_i * BP + tl.arange(0, BP)
+    o_j = i_j * BP + tl.arange(0, BP)
+    m_i = o_i < P
+    m_j = o_j < P
+
+    b_rs = _gram_tile(a_s + i_b * stride_as_b, h_s + i_b * stride_hs_b, stride_as_p, stride_hs_p, Ds,
+                      o_i, o_j, m_i, m_j, BP, BD, UPCAST_S, DOT_PRECISION)
+    b_rt = _gram_tile(a_t + i_b * stride_at_b, h_t + i_b * stride_ht_b, stride_at_p, stride_ht_p, Dt,
+                      o_i, o_j, m_i, m_j, BP, BD, UPCAST_T, DOT_PRECISION)
+
+    b_st = tl.sum(b_rs * b_rt)
+    b_ss = tl.sum(b_rs * b_rs)
+    b_tt = tl.sum(b_rt * b_rt)
+    if SYMMETRIC:
+        if i_j > i_i:
+            b_st = b_st * 2.0
+            b_ss = b_ss * 2.0
+            b_tt = b_tt * 2.0
+
+    p_out = partial + ((i_b * NI + i_i) * NJ + i_j) * 3
+    tl.store(p_out, b_st)
+    tl.store(p_out + 1, b_ss)
+    tl.store(p_out + 2, b_tt)
+
+
+@triton.heuristics({
+    "UPCAST_S": lambda args: _needs_upcast(args["a_s"].dtype, args["h_s"].dtype),
+    "UPCAST_T": lambda args: _needs_upcast(args["a_t"].dtype, args["h_t"].dtype),
+})
+@triton.jit
+def _gram_grad_matmul_kernel(
+    a_s, h_s, a_t, h_t, coef_t, coef_s, m, out,
+    P, Ds, Dt, Dm,
+    stride_as_b, stride_as_p, stride_hs_b, stride_hs_p,
+    stride_at_b, stride_at_p, stride_ht_b, stride_ht_p,
+    stride_m_b, stride_m_p, stride_o_b, stride_o_p,
+    BP: tl.constexpr, BD: tl.constexpr, BDM: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32)."""
+    i_k = tl.program_id(0).to(tl.int64)
+    i_i = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+
+    o_i = i_i * BP + tl.arange(0, BP)
+    o_k = i_k * BDM + tl.arange(0, BDM)
+    m_i = o_i < P
+    m_k = o_k < Dm
+
+    b_ct = tl.load(coef_t + i_b)
+    b_cs = tl.load(coef_s + i_b)
+    p_as = a_s + i_b * stride_as_b
+    p_hs = h_s + i_b * stride_hs_b
+    p_at = a_t + i_b * stride_at_b
+    p_ht = h_t + i_b * stride_ht_b
+
+    b_o = tl.zeros([BP, BDM], dtype=tl.float32)
+    for i_j in range(0, tl.cdiv(P, BP)):
+        o_j = i_j * BP + tl.arange(0, BP)
+        m_j = o_j < P
+        b_rs = _gram_tile(p_as, p_hs, stride_as_p, stride_hs_p, Ds, o_i, o_j, m_i, m_j,
+                          BP, BD, UPCAST_S, DOT_PRECISION)
+        b_rt = _gram_tile(p_at, p_ht, stride_at_p, stride_ht_p, Dt, o_i, o_j, m_i, m_j,
+                          BP, BD, UPCAST_T, DOT_PRECISION)
+        b_c = b_ct * b_rt - b_cs * b_rs
+        p_m = m + i_b * stride_m_b + o_j[:, None] * stride_m_p + o_k[None, :]
+        b_m = tl.load(p_m, mask=m_j[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_o = tl.dot(b_c, b_m, b_o, input_precision=DOT_PRECISION)
+
+    p_o = out + i_b * stride_o_b + o_i[:, None] * stride_o_p + o_k[None, :]
+    tl.store(p_o, b_o, mask=m_i[:, None] & m_k[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_gram_inputs(named: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Check a_s, h_s, a_t, h_t (+ optional m): rank 3, floating, shared B/P and device.
+
+    Returns (B, P).
+    """
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, P, D] (3 dims), got shape {_shape(x)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    ref_name, ref = next(iter(named.items()))
+    B, P = ref.shape[:2]
+    for name, x in named.items():
+        if tuple(x.shape[:2]) != (B, P):
+            raise ValueError(
+                f"{name} has [B, P] = {tuple(x.shape[:2])} (shape {_shape(x)}), expected "
+                f"{(B, P)} from {ref_name} (shape {_shape(ref)})")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device}, expected {ref.device} like {ref_name}")
+    for a_name, h_name in (("a_s", "h_s"), ("a_t", "h_t")):
+        if named[a_name].shape[2] != named[h_name].shape[2]:
+            raise ValueError(
+                f"{a_name} and {h_name} must share D, got {a_name} {_shape(named[a_name])} "
+                f"and {h_name} {_shape(named[h_name])}")
+    if not INTERPRET and ref.device.type != "cuda":
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {ref.device}")
+    return B, P
+
+
+def _check_blocks(BP: int, BD: int, BDM: int | None, input_precision: str) -> None:
+    for name, v in (("BP", BP), ("BD", BD), ("BDM", BDM)):
+        if v is None:
+            continue
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {v}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dim with stride 1; B and P strides are passed through."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int]:
+    return x.stride(0), x.stride(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers and references
+# ----------------------------------------------------------------------------------------------
+def gram_stats(
+    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
+    *, symmetric: bool = True, BP: int | None = None, BD: int | None = None,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    """Per-sample statistics of the student and teacher Gram matrices.
+
+    Args:
+        a_s, h_s: [B, P, Ds] student A = H @ G and H (any float dtype; computed in fp32).
+        a_t, h_t: [B, P, Dt] teacher A and H.
+        symmetric: assume R = A @ H^T is symmetric (true when A = H @ G with symmetric
+            G = W^T W) and run only the tiles j >= i. Pass False for arbitrary A.
+        BP, BD: block sizes (powers of two >= 16); default 64/32 on GPU, 16/16 interpreted.
+        input_precision: tl.dot precision for fp32 operands ("ieee" default; "tf32" is
+            faster on tensor cores at ~1e-3 relative error).
+
+    Returns:
+        Float32 [B, 3]: [sum_ij R_s*R_t, sum_ij R_s^2, sum_ij R_t^2] with
+        R_s = a_s[b] @ h_s[b]^T, R_t = a_t[b] @ h_t[b]^T ([P, P], never materialised).
+    """
+    B, P = _check_gram_inputs({"a_s": a_s, "h_s": h_s, "a_t": a_t, "h_t": h_t})
+    BP, BD = BP or BP_DEFAULT, BD or BD_DEFAULT
+    _check_blocks(BP, BD, None, input_precision)
+    if B == 0 or P == 0:
+        return torch.zeros(B, 3, dtype=torch.float32, device=a_s.device)
+    a_s, h_s, a_t, h_t = (_rows_contiguous(x) for x in (a_s, h_s, a_t, h_t))
+    NI = NJ = triton.cdiv(P, BP)
+    partial = torch.zeros(B, NI, NJ, 3, dtype=torch.float32, device=a_s.device)
+    _gram_stats_kernel[(NJ, NI, B)](
+        a_s, h_s, a_t, h_t, partial,
+        P, a_s.shape[2], a_t.shape[2], NI, NJ,
+        *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
+        BP=BP, BD=BD, SYMMETRIC=bool(symmetric), DOT_PRECISION=input_precision,
+        num_warps=NUM_WARPS,
+    )
+    # Fixed-order reduction of the [B, NI, NJ, 3] partials: deterministic, no atomics.
+    return partial.sum(dim=(1, 2), dtype=torch.float64).to(torch.float32)
+
+
+def gram_stats_reference(
+    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 oracle for `gram_stats`: materialises R_s, R_t [B, P, P]. Returns float64 [B, 3]."""
+    r_s = a_s.double() @ h_s.double().transpose(1, 2)
+    r_t = a_t.double() @ h_t.double().transpose(1, 2)
+    return torch.stack([(r_s * r_t).sum((1, 2)), (r_s * r_s).sum((1, 2)), (r_t * r_t).sum((1, 2))], dim=1)
+
+
+def gram_grad_matmul(
+    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
+    coef_t: torch.Tensor, coef_s: torch.Tensor, m: torch.Tensor,
+    *, BP: int | None = None, BD: int | None = None, BDM: int | None = None,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    """out[b] = (coef_t[b] * R_t[b] - coef_s[b] * R_s[b]) @ m[b], R tiles recomputed on the fly.
+
+    Args:
+        a_s, h_s: [B, P, Ds]; a_t, h_t: [B, P, Dt] (any float dtype; computed in fp32).
+        coef_t, coef_s: [B] per-sample scalars (cast to fp32).
+        m: [B, P, Dm] right-hand side (any float dtype; cast to fp32 in the kernel).
+        BP, BD, BDM: block sizes (powers of two >= 16); default 64/32/64 on GPU, 16/16/16
+            interpreted. Each Dm-block recomputes its R tiles, so the R work is repeated
+            ceil(Dm / BDM) times: concatenate right-hand sides into one m rather than calling twice.
+        input_precision: tl.dot precision for fp32 operands (see `gram_stats`).
+
+    Returns:
+        Float32 [B, P, Dm]. R is used as computed (A @ H^T), no symmetry is assumed.
+    """
+    B, P = _check_gram_inputs({"a_s": a_s, "h_s": h_s, "a_t": a_t, "h_t": h_t, "m": m})
+    for name, c in (("coef_t", coef_t), ("coef_s", coef_s)):
+        if not isinstance(c, torch.Tensor) or tuple(c.shape) != (B,):
+            raise ValueError(f"{name} must be a tensor of shape ({B},) (one scalar per sample), got {_shape(c)}")
+        if c.device != a_s.device:
+            raise ValueError(f"{name} is on {c.device}, expected {a_s.device} like a_s")
+    BP, BD, BDM = BP or BP_DEFAULT, BD or BD_DEFAULT, BDM or BDM_DEFAULT
+    _check_blocks(BP, BD, BDM, input_precision)
+    Dm = m.shape[2]
+    out = torch.empty(B, P, Dm, dtype=torch.float32, device=a_s.device)
+    if out.numel() == 0:
+        return out
+    a_s, h_s, a_t, h_t, m = (_rows_contiguous(x) for x in (a_s, h_s, a_t, h_t, m))
+    coef_t = coef_t.to(torch.float32).contiguous()
+    coef_s = coef_s.to(torch.float32).contiguous()
+    grid = (triton.cdiv(Dm, BDM), triton.cdiv(P, BP), B)
+    _gram_grad_matmul_kernel[grid](
+        a_s, h_s, a_t, h_t, coef_t, coef_s, m, out,
+        P, a_s.shape[2], a_t.shape[2], Dm,
+        *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
+        *_strides(m), *_strides(out),
+        BP=BP, BD=BD, BDM=BDM, DOT_PRECISION=input_precision,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def gram_grad_matmul_reference(
+    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
+    coef_t: torch.Tensor, coef_s: torch.Tensor, m: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 oracle for `gram_grad_matmul`: materialises R [B, P, P]. Returns float64 [B, P, Dm]."""
+    r_s = a_s.double() @ h_s.double().transpose(1, 2)
+    r_t = a_t.double() @ h_t.double().transpose(1, 2)
+    c = coef_t.double()[:, None, None] * r_t - coef_s.double()[:, None, None] * r_s
+    return c @ m.double()
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class GramStatsTriton(torch.autograd.Function):
+    """stats [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2) with R = H G H^T, gradients into H_s and G_s.
+
+    forward(h_s [B, P, Ds], g_s [Ds, Ds], h_t [B, P, Dt], g_t [Dt, Dt]) -> Float32 [B, 3].
+    G must be symmetric (G = W^T W) and masked rows of H zero. The teacher (h_t, g_t) takes no
+    gradient. Backward, with dR_s = g_st R_t + 2 g_ss R_s (symmetric) from grad_stats [B, 3]:
+        dH_s = 2 dR_s A_s,  dG_s = sum_b H_s^T dR_s H_s,
+    both from one `gram_grad_matmul` over m = [A_s | H_s] (the R tiles are recomputed once).
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, g_s, h_t, g_t):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise ValueError("GramStatsTriton: h_t / g_t (teacher) must not require grad")
+        a_s = h_s.float() @ g_s.float()
+        a_t = h_t.float() @ g_t.float()
+        stats = gram_stats(a_s, h_s, a_t, h_t, symmetric=True)
+        ctx.save_for_backward(a_s, h_s, a_t, h_t)
+        ctx.g_dtype = g_s.dtype
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        a_s, h_s, a_t, h_t = ctx.saved_tensors
+        need_h, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_g):
+            return None, None, None, None
+        grad_stats = grad_stats.float()
+        coef_t = grad_stats[:, 0].contiguous()
+        coef_s = (-2.0 * grad_stats[:, 1]).contiguous()
+        parts = ([a_s] if need_h else []) + ([h_s.float()] if need_g else [])
+        m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        out = gram_grad_matmul(a_s, h_s, a_t, h_t, coef_t, coef_s, m)  # dR_s @ m
+        ds = a_s.shape[2]
+        grad_h = (2.0 * out[..., :ds]).to(h_s.dtype) if need_h else None
+        grad_g = None
+        if need_g:
+            dr_h = out[..., -ds:]
+            grad_g = torch.einsum("bpi,bpj->ij", h_s.float(), dr_h).to(ctx.g_dtype)
+        return grad_h, grad_g, None, None
