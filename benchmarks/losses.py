@@ -81,10 +81,10 @@ def divergence_step(spec):
             div, ce = fused_linear_divergence(xs, ws, xt, wt, **kw)
             return 0.5 * div + 0.5 * ce
 
-    def step():
+    def step():  # gradients are freed after the step so each step starts from the same resident set
+        loss().backward()
         xs.grad = None
         ws.grad = None
-        loss().backward()
         return grad_bytes
 
     return step
@@ -102,8 +102,8 @@ def gram_step(spec):
     impl = {"naive": "reference"}.get(spec["impl"], spec["impl"])
 
     def step():
-        hs.grad = None
         gram_cosine_loss(hs, ws, ht, wt, impl=impl).backward()
+        hs.grad = None
         return hs.numel() * 4
 
     return step

@@ -30,7 +30,7 @@ from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES, LOG_FLOOR
 IMPLS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("none", "sum", "mean")
 # Number of [BN, BV] fp32 temporaries alive at once in a block step (measured: see benchmarks/losses.py).
-_BLOCK_TEMPORARIES = 8
+_BLOCK_TEMPORARIES = 6
 DEFAULT_BLOCK_MB = float(os.environ.get("KDENGINE_LOSS_BLOCK_MB", 32))
 DEFAULT_CACHE_MB = float(os.environ.get("KDENGINE_LOSS_CACHE_MB", 0))
 MAX_BLOCK_ROWS = 1024
@@ -184,6 +184,9 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # torch path: bounded logits blocks
 # ----------------------------------------------------------------------------------------------
+TEACHER_LOGIT_FLOOR = -1e38  # -inf teacher logits are clamped here: exp() is still exactly 0, products stay finite
+
+
 @dataclass
 class BlockPlan:
     """Row/vocab blocking. ``vocab_blocks`` is split at ``vc`` so a block is either compared or CE-only."""
@@ -203,36 +206,85 @@ class BlockPlan:
         return BlockPlan(rows, cols, vc, blocks)
 
 
-class _Online:
-    """Online softmax statistics of one row block: running max ``m``, sum ``l``, optional
-    accumulators rescaled on every max update: ``acc`` [BN] (sum e * value) and ``mat`` [BN, D]
-    (sum e * W rows)."""
+def _as_f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
-    def __init__(self, rows: int, device, d: int | None = None):
+
+class _Logits:
+    """Logits blocks of one call. Recomputed into two scratch buffers, or kept from the first pass
+    while ``cache_bytes`` lasts (teacher block first: it is the wider GEMM to redo).
+    ``get`` returns (raw student logits [BN, BV], teacher logits / T [BN, BV] or None)."""
+
+    def __init__(self, xs, ws, xt, wt, inv_t, plan: BlockPlan, cache_bytes: int):
+        self.ws, self.wt, self.inv_t, self.vc = ws, wt, inv_t, plan.vc
+        self.budget = cache_bytes
+        self.cache: dict = {}
+        rows = max(1, min(plan.rows, xs.shape[0]))
+        self.buf_s = torch.empty(rows * plan.cols, device=xs.device)
+        self.buf_t = torch.empty(rows * plan.cols, device=xs.device)
+
+    def _mm(self, x_r, w, v0, v1, key, buf):
+        nbytes = x_r.shape[0] * (v1 - v0) * 4
+        if key in self.cache:
+            return self.cache[key], False
+        w_blk = _as_f32(w[v0:v1]).T
+        if nbytes <= self.budget:
+            self.budget -= nbytes
+            z = self.cache[key] = x_r @ w_blk
+            return z, True
+        out = buf[: x_r.shape[0] * (v1 - v0)].view(x_r.shape[0], v1 - v0)
+        return torch.mm(x_r, w_blk, out=out), True
+
+    def get(self, r0, xs_r, xt_r, v0, v1, writable=False):
+        """writable=True (last use, in backward): cached blocks are handed over and forgotten."""
+        zt = None
+        if v0 < self.vc:
+            zt, fresh = self._mm(xt_r, self.wt, v0, v1, ("t", r0, v0), self.buf_t)
+            if fresh:
+                if self.inv_t != 1.0:
+                    zt.mul_(self.inv_t)
+                zt.clamp_min_(TEACHER_LOGIT_FLOOR)
+        zs, _ = self._mm(xs_r, self.ws, v0, v1, ("s", r0, v0), self.buf_s)
+        if writable:
+            self.cache.pop(("t", r0, v0), None)
+            self.cache.pop(("s", r0, v0), None)
+        return zs, zt
+
+
+class _Online:
+    """Online softmax statistics of one row block: running max ``m`` and sum ``l`` [BN], optional
+    accumulators rescaled on every max update: ``acc`` [BN] (sum e * value) and ``mat`` [BN, D]
+    (sum e W rows). ``e`` lives in a scratch buffer reused across blocks."""
+
+    def __init__(self, rows: int, cols: int, device, d: int | None = None):
         self.m = torch.full((rows,), -math.inf, device=device)
         self.l = torch.zeros(rows, device=device)
         self.acc = torch.zeros(rows, device=device)
         self.mat = torch.zeros(rows, d, device=device) if d is not None else None
+        self.buf = torch.empty(rows * cols, device=device)
 
-    def update(self, z: torch.Tensor, value: torch.Tensor | None = None, w_blk: torch.Tensor | None = None):
-        m_new = torch.maximum(self.m, z.amax(-1))
-        # rows whose max is still -inf (all entries masked so far) keep scale 0 and e = 0
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        scale = torch.exp(self.m - m_safe)
-        e = torch.exp(z - m_safe[:, None])
-        self.l.mul_(scale).add_(e.sum(-1))
+    def update(self, z, scale_z: float = 1.0, value=None, w_blk=None):
+        """z [BN, BV] logits (softmax of z * scale_z); value [BN, BV] accumulated as sum e * value."""
+        m_new = torch.maximum(self.m, z.amax(-1) * scale_z)
+        m_safe = m_new.nan_to_num(neginf=0.0)  # rows still all -inf keep e = 0
+        rescale = torch.exp(self.m - m_safe)
+        e = self.buf[: z.numel()].view_as(z)
+        if scale_z != 1.0:
+            torch.mul(z, scale_z, out=e)
+            e.sub_(m_safe[:, None])
+        else:
+            torch.sub(z, m_safe[:, None], out=e)
+        e.exp_()
+        self.l.mul_(rescale).add_(e.sum(-1))
         if value is not None:
-            self.acc.mul_(scale).add_(torch.where(e > 0, e * value, torch.zeros((), device=e.device)).sum(-1))
+            self.acc.mul_(rescale).add_(torch.linalg.vecdot(e, value))
         if self.mat is not None:
-            self.mat.mul_(scale[:, None]).addmm_(e, w_blk)
+            self.mat.mul_(rescale[:, None]).addmm_(e, w_blk)
         self.m = m_new
+        return e
 
     def lse(self) -> torch.Tensor:
         return self.m + self.l.log()
-
-
-def _as_f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
 
 
 def finish_rows(rows_loss, lse_c, z_label, weight, labels, ignore_index, reduction):
@@ -261,6 +313,12 @@ def row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid):
     return coef_div, coef_ce
 
 
+def _label_hits(lab_r, v0, v1):
+    """(inside [BN] bool, column index [BN] long) of each row's label within block [v0, v1)."""
+    inside = (lab_r >= v0) & (lab_r < v1)
+    return inside, (lab_r - v0).clamp(0, v1 - v0 - 1).long()
+
+
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """torch path. Returns (div, ce): div is [N] for reduction='none' else a scalar; ce a scalar
     (0 when labels is None). Gradients flow to student_hidden and student_weight only."""
@@ -272,63 +330,44 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         v, vt = ws.shape[0], wt.shape[0]
         vc = min(v, vt)
         has_labels = labels is not None
-        v_total = v if has_labels else vc
-        plan = BlockPlan.make(n, v_total, vc, block_mb)
+        plan = BlockPlan.make(n, v if has_labels else vc, vc, block_mb)
         inv_t = 1.0 / float(temperature)
-        needs_dx = ctx.needs_input_grad[0]
-        needs_dw = ctx.needs_input_grad[1]
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         # frozen head + forward_kl: the whole gradient in one forward pass (see module docstring)
-        eager = needs_dx and not needs_dw and divergence == "forward_kl"
+        eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and divergence == "forward_kl"
         # CE statistics need their own softmax unless they coincide with the student's
-        separate_ce = has_labels and (temperature != 1.0 or v != vc)
+        separate_ce = has_labels and (inv_t != 1.0 or v != vc)
         dev = xs.device
-        # logits blocks are reused by pass 2 and by the backward recomputation
-        cache = {} if (divergence != "forward_kl" or ((needs_dx or needs_dw) and not eager)) else None
-        cache_budget = int(cache_mb * 2**20)
+        reuse = divergence != "forward_kl" or (needs_grad and not eager)
+        logits = _Logits(xs, ws, xt, wt, inv_t, plan, int(cache_mb * 2**20) if reuse else 0)
 
-        lse_s = torch.empty(n, device=dev)
-        lse_t = torch.empty(n, device=dev)
-        lse_c = torch.empty(n, device=dev)
-        rows_loss = torch.zeros(n, device=dev)
-        rows_c = torch.zeros(n, device=dev)
-        z_label = torch.zeros(n, device=dev)
+        lse_s, lse_t, lse_c, rows_loss, rows_c, z_label = (torch.zeros(n, device=dev) for _ in range(6))
         dx_div = torch.zeros(n, d, device=dev) if eager else None
         dx_ce = torch.zeros(n, d, device=dev) if eager and has_labels else None
-
-        def logits(r0, r1, xs_r, xt_r, v0, v1):
-            key = (r0, v0)
-            if cache is not None and key in cache:
-                return cache[key]
-            zs = xs_r @ _as_f32(ws[v0:v1]).T
-            zt = xt_r @ _as_f32(wt[v0:v1]).T * inv_t if v0 < vc else None
-            nonlocal cache_budget
-            if cache is not None:
-                size = zs.numel() * 4 + (zt.numel() * 4 if zt is not None else 0)
-                if size <= cache_budget:
-                    cache[key] = (zs, zt)
-                    cache_budget -= size
-            return zs, zt
+        diff = torch.empty(plan.rows * plan.cols, device=dev) if divergence == "forward_kl" else None
 
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
             xs_r, xt_r = _as_f32(xs[r0:r1]), _as_f32(xt[r0:r1])
             rows = r1 - r0
-            st_s = _Online(rows, dev, d if eager else None)
-            st_t = _Online(rows, dev, d if eager else None)
-            st_c = _Online(rows, dev, d if eager else None) if separate_ce else None
+            st_s = _Online(rows, plan.cols, dev, d if eager else None)
+            st_t = _Online(rows, plan.cols, dev, d if eager else None)
+            st_c = _Online(rows, plan.cols, dev, d if eager else None) if separate_ce else None
             lab_r = labels[r0:r1] if has_labels else None
             for v0, v1 in plan.vocab_blocks:
-                zs_raw, zt = logits(r0, r1, xs_r, xt_r, v0, v1)
+                zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
                 w_blk = _as_f32(ws[v0:v1]) if eager else None
                 if v0 < vc:
-                    zs = zs_raw * inv_t if inv_t != 1.0 else zs_raw
-                    st_s.update(zs, None, w_blk)
-                    st_t.update(zt, zt - zs if divergence == "forward_kl" else None, w_blk)
+                    value = None
+                    if divergence == "forward_kl":  # sum_j e_t (z_t - z_s / T)
+                        value = diff[: zt.numel()].view_as(zt)
+                        torch.sub(zt, zs_raw, alpha=inv_t, out=value)
+                    st_s.update(zs_raw, inv_t, None, w_blk)
+                    st_t.update(zt, 1.0, value, w_blk)
                 if st_c is not None:
-                    st_c.update(zs_raw, None, w_blk)
+                    st_c.update(zs_raw, 1.0, None, w_blk)
                 if has_labels:
-                    inside = (lab_r >= v0) & (lab_r < v1)
-                    idx = (lab_r - v0).clamp(0, v1 - v0 - 1).long()
+                    inside, idx = _label_hits(lab_r, v0, v1)
                     z_label[r0:r1] += torch.where(inside, zs_raw.gather(1, idx[:, None])[:, 0], 0.0)
             lse_s[r0:r1] = st_s.lse()
             lse_t[r0:r1] = st_t.lse()
@@ -337,10 +376,8 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 dx_div[r0:r1] = st_s.mat / st_s.l[:, None] - st_t.mat / st_t.l[:, None]
                 if has_labels:
                     src = st_c if st_c is not None else st_s
-                    dx_ce[r0:r1] = src.mat / src.l[:, None]
                     valid = lab_r != ignore_index
-                    safe = torch.where(valid, lab_r, 0).long()
-                    dx_ce[r0:r1] -= _as_f32(ws[safe]) * valid[:, None]
+                    dx_ce[r0:r1] = src.mat / src.l[:, None] - _as_f32(ws[torch.where(valid, lab_r, 0).long()]) * valid[:, None]
             if divergence == "forward_kl":
                 # sum_j p_t (t - s) = sum_j p_t (z_t - z_s) + lse_s - lse_t
                 rows_loss[r0:r1] = st_t.acc / st_t.l + lse_s[r0:r1] - lse_t[r0:r1]
@@ -352,58 +389,70 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                                                       ignore_index, reduction)
         ctx.save_for_backward(xs, ws, xt, wt, lse_s, lse_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
                               dx_div, dx_ce)
-        ctx.cfg = (divergence, beta, inv_t, ignore_index, reduction, plan, eager)
-        ctx.logits = logits
+        ctx.cfg = (divergence, beta, inv_t, reduction, plan, eager, separate_ce)
+        ctx.logits = logits if needs_grad and not eager else None
         return div.to(xs.dtype), ce.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_div, grad_ce):
         (xs, ws, xt, wt, lse_s, lse_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
          dx_div, dx_ce) = ctx.saved_tensors
-        divergence, beta, inv_t, ignore_index, reduction, plan, eager = ctx.cfg
+        divergence, beta, inv_t, reduction, plan, eager, separate_ce = ctx.cfg
         n, d = xs.shape
-        dev = xs.device
         coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid)
         if eager:
             dxs = (coef_div * inv_t)[:, None] * dx_div
             if coef_ce is not None:
                 dxs = dxs + coef_ce[:, None] * dx_ce
-            ctx.logits = None
             return (dxs.to(xs.dtype),) + (None,) * 12
 
+        logits, ctx.logits = ctx.logits, None
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dxs = torch.zeros(n, d, device=dev) if needs_dx else None
-        dws = None
-        if needs_dw:
-            dws = torch.zeros(ws.shape, device=dev, dtype=torch.float32)
-        coef_div_t = coef_div * inv_t
+        dxs = torch.zeros(n, d, device=xs.device) if needs_dx else None
+        dws = torch.zeros(ws.shape, device=ws.device) if needs_dw else None
+        a_div = coef_div * inv_t  # chain rule through z / T
+        fuse_ce = coef_ce is not None and not separate_ce  # CE softmax == student softmax: one exp
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
             xs_r, xt_r = _as_f32(xs[r0:r1]), _as_f32(xt[r0:r1])
-            lab_r = labels[r0:r1] if labels is not None else None
             for v0, v1 in plan.vocab_blocks:
-                zs_raw, zt = ctx.logits(r0, r1, xs_r, xt_r, v0, v1)
-                if v0 < plan.vc:
-                    zs = zs_raw * inv_t if inv_t != 1.0 else zs_raw
-                    s = zs - lse_s[r0:r1, None]
-                    t = zt - lse_t[r0:r1, None]
-                    g = divergence_grad(s, t, rows_c[r0:r1], divergence, beta).mul_(coef_div_t[r0:r1, None])
-                else:
-                    g = torch.zeros_like(zs_raw)
-                if coef_ce is not None:
-                    c_r = coef_ce[r0:r1]
-                    g.add_(torch.exp(zs_raw - lse_c[r0:r1, None]).mul_(c_r[:, None]))
-                    inside = (lab_r >= v0) & (lab_r < v1)
-                    idx = (lab_r - v0).clamp(0, v1 - v0 - 1).long()
-                    g.scatter_add_(1, idx[:, None], torch.where(inside, -c_r, 0.0)[:, None])
-                w_blk = _as_f32(ws[v0:v1])
+                zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1, writable=True)
+                g = _dlogits_block(zs_raw, zt, v0, v1, r0, r1, plan.vc, inv_t, lse_s, lse_t, lse_c, rows_c,
+                                   a_div, coef_ce, labels, divergence, beta, fuse_ce)
                 if dxs is not None:
-                    dxs[r0:r1].addmm_(g, w_blk)
+                    dxs[r0:r1].addmm_(g, _as_f32(ws[v0:v1]))
                 if dws is not None:
                     dws[v0:v1].addmm_(g.T, xs_r)
-        ctx.logits = None
         return (dxs.to(xs.dtype) if dxs is not None else None,
                 dws.to(ws.dtype) if dws is not None else None) + (None,) * 11
+
+
+def _dlogits_block(zs_raw, zt, v0, v1, r0, r1, vc, inv_t, lse_s, lse_t, lse_c, rows_c, a_div, coef_ce,
+                   labels, divergence, beta, fuse_ce):
+    """d(output)/d(raw student logits) of one block [BN, BV]; may overwrite zs_raw and zt (last use)."""
+    a = a_div[r0:r1, None]
+    c_ce = coef_ce[r0:r1, None] if coef_ce is not None else None
+    # CE term with its own softmax (T != 1 or CE-only columns): taken before zs_raw is overwritten
+    g_ce = torch.exp(zs_raw - lse_c[r0:r1, None]).mul_(c_ce) if c_ce is not None and not fuse_ce else None
+    if v0 < vc and divergence == "forward_kl":
+        # a (p_s - p_t) [+ c_ce p_s]: exp in place, no new [BN, BV] buffer
+        g = zs_raw.mul_(inv_t).sub_(lse_s[r0:r1, None]).exp_()
+        g.mul_(a + c_ce if fuse_ce else a)
+        g.sub_(zt.sub_(lse_t[r0:r1, None]).exp_().mul_(a))
+    elif v0 < vc:
+        s = zs_raw.mul_(inv_t).sub_(lse_s[r0:r1, None])
+        g = divergence_grad(s, zt.sub_(lse_t[r0:r1, None]), rows_c[r0:r1], divergence, beta).mul_(a)
+        if fuse_ce:
+            g.add_(s.exp_().mul_(c_ce))
+    else:  # CE-only columns beyond the teacher's vocabulary
+        g = g_ce
+        g_ce = None
+    if c_ce is not None:
+        if g_ce is not None:
+            g.add_(g_ce)
+        inside, idx = _label_hits(labels[r0:r1], v0, v1)
+        g.scatter_add_(1, idx[:, None], torch.where(inside[:, None], -c_ce, 0.0))
+    return g
 
 
 def _second_pass(plan, n, logits, xs, xt, lse_s, lse_t, inv_t, divergence, beta, rows_loss, rows_c):
@@ -414,12 +463,12 @@ def _second_pass(plan, n, logits, xs, xt, lse_s, lse_t, inv_t, divergence, beta,
         for v0, v1 in plan.vocab_blocks:
             if v0 >= plan.vc:
                 break
-            zs_raw, zt = logits(r0, r1, xs_r, xt_r, v0, v1)
-            s = (zs_raw * inv_t) - lse_s[r0:r1, None]
+            zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
+            s = zs_raw * inv_t - lse_s[r0:r1, None]
             t = zt - lse_t[r0:r1, None]
             elem, h = divergence_terms(s, t, divergence, beta)
             rows_loss[r0:r1] += elem.sum(-1)
-            rows_c[r0:r1] += (s.exp() * h).sum(-1)
+            rows_c[r0:r1] += torch.linalg.vecdot(s.exp_(), h)
 
 
 # ----------------------------------------------------------------------------------------------
