@@ -1,0 +1,267 @@
+"""LLaVA JSON / JSONL records: loading, validation and the bad-sample summary.
+
+A record, as in LLaVA's ``blip_laion_cc_sbu_558k.json`` and ``llava_v1_5_mix665k.json``::
+
+    {"id": "000001",
+     "image": "00000/000001.jpg",            # or a list of paths, or absent (text-only)
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+Turns alternate human, gpt, human, gpt, ... and end with gpt. The number of ``<image>``
+placeholders in the human turns equals the number of images. A ``.json`` file holds a
+list of records; a ``.jsonl`` file one record per line (blank lines allowed).
+
+Every problem is a :class:`BadSample` naming the record id, the file and the line
+(JSONL) or list index (JSON). With ``on_bad_sample="error"`` it is raised; with
+``"skip"`` the record is dropped and counted by reason in a :class:`BadSampleSummary`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .tokenizer import IMAGE_TOKEN
+ON_BAD_SAMPLE = ("error", "skip")
+
+# Reasons a sample can be rejected; the summary counts by these names.
+REASONS = (
+    "malformed",  # not a dict, bad/missing id or conversations, bad roles or order
+    "empty_answer",  # a gpt turn with an empty or whitespace-only value
+    "image_count_mismatch",  # number of <image> placeholders != number of images
+    "image_missing",  # image path does not exist
+    "image_unreadable",  # the path exists but cannot be opened (permissions, a folder)
+    "image_corrupt",  # pillow cannot decode it (truncated or not an image)
+    "tokenization_mismatch",  # piecewise tokenization differs from the whole text
+    "too_long",  # truncation would cut through image tokens
+    "no_supervised_tokens",  # nothing left to learn after truncation
+)
+
+
+class BadSample(ValueError):
+    """A rejected sample; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str, sample_id=None, where: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}: expected one of {REASONS}")
+        self.reason = reason
+        self.sample_id = sample_id
+        self.where = where
+        super().__init__(f"bad sample id={sample_id!r} at {where or '<unknown>'} [{reason}]: {message}")
+
+
+@dataclass
+class BadSampleSummary:
+    """Counts of skipped samples by reason, with the first few ids of each.
+
+    ``total`` counts samples seen; ``kept`` those that survived.
+    """
+
+    total: int = 0
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, err: BadSample) -> None:
+        self.counts[err.reason] += 1
+        ex = self.examples.setdefault(err.reason, [])
+        if len(ex) < self.max_examples:
+            ex.append(f"{err.sample_id!r} at {err.where}")
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.skipped
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "skipped": dict(sorted(self.counts.items()))}
+
+    def format(self) -> str:
+        lines = [f"data: {self.kept}/{self.total} samples kept, {self.skipped} skipped"]
+        for reason in REASONS:
+            if self.counts[reason]:
+                lines.append(f"  {reason}: {self.counts[reason]} (e.g. {', '.join(self.examples[reason])})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "human" or "gpt"
+    value: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated sample. ``images`` are absolute (or folder-joined) paths, in order."""
+
+    id: object
+    images: tuple[str, ...]
+    turns: tuple[Turn, ...]
+    where: str  # "file.jsonl:12" or "file.json[index 11]"
+
+    @property
+    def has_image(self) -> bool:
+        return len(self.images) > 0
+
+
+def check_on_bad_sample(on_bad_sample: str) -> None:
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected one of {ON_BAD_SAMPLE}")
+
+
+def _iter_raw(path: str):
+    """Yield (raw_record_or_BadSample, where) from a .json list or .jsonl file."""
+    name = os.path.basename(path)
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    yield json.loads(line), where
+                except json.JSONDecodeError as e:
+                    yield BadSample("malformed", f"invalid JSON in {name} line {lineno}: {e.msg}", None, where), where
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                # A broken JSON list cannot be resynchronised: always an error.
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        for i, raw in enumerate(data):
+            yield raw, f"{path}[index {i}]"
+    else:
+        raise ValueError(f"data file {path!r}: expected a .json (list) or .jsonl file")
+
+
+def parse_record(raw, where: str, image_folder: str | None) -> Record:
+    """Validate one raw record (no image I/O). Raises :class:`BadSample`."""
+    if not isinstance(raw, dict):
+        raise BadSample("malformed", f"expected a JSON object, got {type(raw).__name__}", None, where)
+    sid = raw.get("id")
+    if sid is None or not isinstance(sid, (str, int)) or isinstance(sid, bool):
+        raise BadSample("malformed", f"'id' must be a string or int, got {sid!r}", sid, where)
+
+    def bad(reason: str, msg: str) -> BadSample:
+        return BadSample(reason, msg, sid, where)
+
+    img = raw.get("image")
+    if img is None:
+        paths: list = []
+    elif isinstance(img, str):
+        paths = [img]
+    elif isinstance(img, list) and all(isinstance(p, str) for p in img):
+        paths = list(img)
+    else:
+        raise bad("malformed", f"'image' must be a path or a list of paths, got {img!r}")
+    if any(not p for p in paths):
+        raise bad("malformed", f"'image' has an empty path: {img!r}")
+    if paths and image_folder is None:
+        raise bad("malformed", "record has images but no image_folder was given")
+
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise bad("malformed", f"'conversations' must be a non-empty list, got {conv!r:.80}")
+    turns = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise bad("malformed", f"turn {t} must be {{'from': ..., 'value': str}}, got {turn!r:.80}")
+        expected = "human" if t % 2 == 0 else "gpt"
+        if turn.get("from") != expected:
+            raise bad("malformed", f"turn {t} is from {turn.get('from')!r}, expected {expected!r} (human/gpt alternate)")
+        turns.append(Turn(expected, turn["value"]))
+    if turns[-1].role != "gpt":
+        raise bad("malformed", f"{len(turns)} turns: expected the last turn to be from 'gpt'")
+    for t, turn in enumerate(turns):
+        if turn.role == "gpt" and not turn.value.strip():
+            raise bad("empty_answer", f"turn {t} (gpt) has an empty answer {turn.value!r}")
+        if turn.role == "gpt" and IMAGE_TOKEN in turn.value:
+            raise bad("malformed", f"turn {t} (gpt) contains {IMAGE_TOKEN!r}: images belong in human turns")
+
+    n_tok = sum(turn.value.count(IMAGE_TOKEN) for turn in turns)
+    if n_tok != len(paths):
+        raise bad("image_count_mismatch", f"{n_tok} {IMAGE_TOKEN} placeholder(s) but {len(paths)} image(s) {paths}")
+
+    images = tuple(os.path.join(image_folder, p) for p in paths) if paths else ()
+    return Record(sid, images, tuple(turns), where)
+
+
+def open_image(path: str, sample_id=None, where: str = "") -> Image.Image:
+    """Open and fully decode ``path`` as RGB. Raises :class:`BadSample` on failure."""
+    if not os.path.exists(path):
+        raise BadSample("image_missing", f"image file not found: {path}", sample_id, where)
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode every byte: a truncated file fails here, not later
+            return img.convert("RGB")
+    except (PermissionError, IsADirectoryError) as e:
+        raise BadSample("image_unreadable", f"cannot read image {path}: {e}", sample_id, where) from None
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise BadSample("image_corrupt", f"cannot decode image {path}: {e}", sample_id, where) from None
+
+
+def load_records(
+    paths: str | os.PathLike | list,
+    image_folder: str | os.PathLike | None = None,
+    on_bad_sample: str = "error",
+    check_images: bool = True,
+    summary: BadSampleSummary | None = None,
+) -> tuple[list[Record], BadSampleSummary]:
+    """Load and validate LLaVA records from one or more .json/.jsonl files.
+
+    Args:
+        paths: a data file or a list of them, read in order.
+        image_folder: folder the records' ``image`` paths are relative to.
+        on_bad_sample: "error" raises the first :class:`BadSample` (id, file, line);
+            "skip" drops bad records and counts them in the summary.
+        check_images: open and fully decode every image now (catches missing,
+            unreadable and truncated files before training starts).
+        summary: an existing summary to add to (else a new one).
+
+    Returns:
+        (records, summary).
+    """
+    check_on_bad_sample(on_bad_sample)
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"data file not found: {p}")
+    folder = os.fspath(image_folder) if image_folder is not None else None
+    if folder is not None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"image_folder not found: {folder}")
+    summary = summary if summary is not None else BadSampleSummary()
+
+    records: list[Record] = []
+    for path in paths:
+        for raw, where in _iter_raw(path):
+            summary.total += 1
+            try:
+                if isinstance(raw, BadSample):
+                    raise raw
+                rec = parse_record(raw, where, folder)
+                if check_images:
+                    for p in rec.images:
+                        open_image(p, rec.id, where).close()
+            except BadSample as err:
+                if on_bad_sample == "error":
+                    raise
+                summary.add(err)
+                continue
+            records.append(rec)
+    return records, summary
