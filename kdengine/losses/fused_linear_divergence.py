@@ -264,7 +264,7 @@ class _Online:
         self.buf = torch.empty(rows * cols, device=device)
 
     def update(self, z, scale_z: float = 1.0, value=None, w_blk=None):
-        """z [BN, BV] logits (softmax of z * scale_z); value [BN, BV] accumulated as sum e * value."""
+        """z [BN, BV] logits (softmax of z * scale_z); value [BN, BV] scratch, accumulated as sum e * value."""
         m_new = torch.maximum(self.m, z.amax(-1) * scale_z)
         m_safe = m_new.nan_to_num(neginf=0.0)  # rows still all -inf keep e = 0
         rescale = torch.exp(self.m - m_safe)
@@ -276,8 +276,8 @@ class _Online:
             torch.sub(z, m_safe[:, None], out=e)
         e.exp_()
         self.l.mul_(rescale).add_(e.sum(-1))
-        if value is not None:
-            self.acc.mul_(rescale).add_(torch.linalg.vecdot(e, value))
+        if value is not None:  # value is a scratch block: overwritten by e * value
+            self.acc.mul_(rescale).add_(value.mul_(e).sum(-1))
         if self.mat is not None:
             self.mat.mul_(rescale[:, None]).addmm_(e, w_blk)
         self.m = m_new
