@@ -118,18 +118,24 @@ def _stats_reference(hs, ws, ht, wt, vc):
     return torch.stack([(rs * rt).sum((1, 2)), (rs * rs).sum((1, 2)), (rt * rt).sum((1, 2))], -1)
 
 
+def _frob_stats(rs: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
+    """[B, 3] = (<rs, rt>, |rs|^2, |rt|^2) per sample as row dot products (no elementwise temporaries)."""
+    fs, ft = rs.flatten(1), rt.flatten(1)
+    return torch.stack([torch.linalg.vecdot(fs, ft), torch.linalg.vecdot(fs, fs), torch.linalg.vecdot(ft, ft)], -1)
+
+
 def _stats_torch(hs, gs, ht, gt):
     """P x P form when P <= max(Ds, Dt), else the D x D form; autograd handles H_s and G_s."""
     p = hs.shape[1]
     if p <= max(hs.shape[2], ht.shape[2]):
-        rs = (hs @ gs) @ hs.transpose(1, 2)
-        rt = (ht @ gt) @ ht.transpose(1, 2)
-        return torch.stack([(rs * rt).sum((1, 2)), (rs * rs).sum((1, 2)), (rt * rt).sum((1, 2))], -1)
+        return _frob_stats((hs @ gs) @ hs.transpose(1, 2), (ht @ gt) @ ht.transpose(1, 2))
     c = hs.transpose(1, 2) @ ht                      # [B, Ds, Dt]
-    dot = ((gs @ c @ gt) * c).sum((1, 2))            # tr(G_s C G_t C^T)
-    ms = gs @ (hs.transpose(1, 2) @ hs)              # G_s M_s
+    ms = gs @ (hs.transpose(1, 2) @ hs)              # G_s M_s, |R_s|^2 = tr((G_s M_s)^2)
     mt = gt @ (ht.transpose(1, 2) @ ht)
-    return torch.stack([dot, (ms * ms.transpose(1, 2)).sum((1, 2)), (mt * mt.transpose(1, 2)).sum((1, 2))], -1)
+    dot = torch.linalg.vecdot((gs @ c @ gt).flatten(1), c.flatten(1))            # tr(G_s C G_t C^T)
+    ns = torch.linalg.vecdot(ms.flatten(1), ms.transpose(1, 2).flatten(1))
+    nt = torch.linalg.vecdot(mt.flatten(1), mt.transpose(1, 2).flatten(1))
+    return torch.stack([dot, ns, nt], -1)
 
 
 def gram_cosine_loss(
@@ -156,11 +162,12 @@ def gram_cosine_loss(
     impl = resolve_impl(impl, student_hidden.device)
     vc = min(student_weight.shape[0], teacher_weight.shape[0])
     if mask is None:
-        mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
-    has_rows = mask.any(1)
-    m = mask[..., None]
-    hs = student_hidden * m
-    ht = teacher_hidden * m
+        has_rows = torch.full(student_hidden.shape[:1], student_hidden.shape[1] > 0, device=student_hidden.device)
+        hs, ht = student_hidden, teacher_hidden
+    else:  # masked rows are zeroed: they then add nothing to any Gram entry
+        has_rows = mask.any(1)
+        hs = student_hidden * mask[..., None]
+        ht = teacher_hidden * mask[..., None]
     if impl == "reference":
         stats = _stats_reference(hs, student_weight, ht, teacher_weight, vc)
     else:
