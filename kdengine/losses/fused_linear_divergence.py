@@ -48,6 +48,21 @@ def _check_matrix(name: str, x: torch.Tensor, ndim: int = 2) -> None:
         raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
 
 
+def check_devices_dtypes_frozen_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
+    """One device and dtype for all four tensors, and no grad on the teacher's (shared by both losses)."""
+    dev, dtype = student_hidden.device, student_hidden.dtype
+    for name, x in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
+                    ("teacher_weight", teacher_weight)):
+        if x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {dev}")
+        if x.dtype != dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but student_hidden has {dtype}; cast them to one dtype")
+    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if x.requires_grad:
+            raise ValueError(f"{name} {tuple(x.shape)} requires grad; the teacher must be frozen "
+                             f"(call .detach() or run the teacher under torch.no_grad())")
+
+
 def validate_divergence_args(
     student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, beta, temperature,
     weight, labels, reduction, impl,
@@ -72,18 +87,8 @@ def validate_divergence_args(
     if v == 0 or vt == 0:
         raise ValueError(f"empty vocabulary: student_weight {tuple(student_weight.shape)}, "
                          f"teacher_weight {tuple(teacher_weight.shape)}")
+    check_devices_dtypes_frozen_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight)
     dev = student_hidden.device
-    dtype = student_hidden.dtype
-    for name, x in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
-                    ("teacher_weight", teacher_weight)):
-        if x.device != dev:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {dev}")
-        if x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but student_hidden has {dtype}; cast them to one dtype")
-    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        if x.requires_grad:
-            raise ValueError(f"{name} {tuple(x.shape)} requires grad; the teacher must be frozen "
-                             f"(call .detach() or run the teacher under torch.no_grad())")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
     if divergence in BETA_DIVERGENCES and not (0.0 < float(beta) < 1.0):

@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from kdengine.losses.fused_linear_divergence import resolve_impl
+from kdengine.losses.fused_linear_divergence import check_devices_dtypes_frozen_teacher, resolve_impl
 
 REDUCTIONS = ("batch", "sample")
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -52,16 +52,8 @@ def validate_gram_args(student_hidden, student_weight, teacher_hidden, teacher_w
     if teacher_weight.shape[1] != teacher_hidden.shape[2]:
         raise ValueError(f"teacher hidden size mismatch: teacher_hidden {tuple(teacher_hidden.shape)} "
                          f"vs teacher_weight {tuple(teacher_weight.shape)} (expected [B, P, Dt] and [Vt, Dt])")
-    dev, dtype = student_hidden.device, student_hidden.dtype
-    for name, x in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
-                    ("teacher_weight", teacher_weight)):
-        if x.device != dev:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {dev}")
-        if x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but student_hidden has {dtype}; cast them to one dtype")
-    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        if x.requires_grad:
-            raise ValueError(f"{name} {tuple(x.shape)} requires grad; the teacher must be frozen")
+    check_devices_dtypes_frozen_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    dev = student_hidden.device
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.shape != (b, p) or mask.dtype != torch.bool:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
