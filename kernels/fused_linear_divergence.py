@@ -33,11 +33,13 @@ DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # 0 fkl, 1 rkl, 2 js
 # block sizes: GPU defaults, and small blocks under the CPU interpreter (its cost is per program)
 BN, BV, BD = (16, 32, 16) if INTERPRET else (64, 128, 64)
 CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)
+# fp32 inputs use exact fp32 products ("ieee"), not tf32: logits feed exp() and a 1e-3 relative
+# error there is visible in the loss. bf16/fp16 tiles run on tensor cores with fp32 accumulation.
 
 
 @triton.jit
 def _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, BD: tl.constexpr,
-                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee"):
     """[BN, BV] fp32 tile of x @ w^T, looping over D in BD chunks."""
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     for d0 in range(0, D, BD):
@@ -48,7 +50,7 @@ def _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, BD: tl.c
         if UPCAST:
             b_x = b_x.to(tl.float32)
             b_w = b_w.to(tl.float32)
-        acc += tl.dot(b_x, tl.trans(b_w))
+        acc += tl.dot(b_x, tl.trans(b_w), input_precision=DOT_PRECISION)
     return acc
 
 
