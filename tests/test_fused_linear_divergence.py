@@ -274,6 +274,8 @@ def _good():
     (dict(labels=torch.zeros(4)), r"labels has dtype torch.float32"),
     (dict(labels=torch.tensor([1, 2, 20, -100])), r"labels\[2\] = 20 is outside \[0, 20\)"),
     (dict(student_weight=torch.randn(0, 8)), r"empty vocabulary"),
+    (dict(teacher_weight=torch.randn(20, 6, device="meta")), r"teacher_weight is on meta but student_hidden is on cpu"),
+    (dict(labels=torch.zeros(4, dtype=torch.long, device="meta")), r"labels is on meta"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input_raises_named_error(change, match):
     args = _good()

@@ -155,6 +155,7 @@ def _good():
     (dict(mask=torch.ones(2, 4, dtype=torch.bool)), r"mask has shape \(2, 4\); expected a bool tensor \[B, P\] = \(2, 5\)"),
     (dict(mask=torch.ones(2, 5)), r"mask has shape \(2, 5\); expected a bool"),
     (dict(reduction="mean"), r"reduction='mean'"),
+    (dict(student_weight=torch.randn(20, 8, device="meta")), r"student_weight is on meta but student_hidden is on cpu"),
     (dict(impl="numpy"), r"impl='numpy'"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input_raises_named_error(change, match):
