@@ -48,8 +48,45 @@ def _add_data(sub) -> None:
     synth.set_defaults(func=_run_data_synth)
 
 
+def _run_eval(args: argparse.Namespace) -> int:
+    from kdengine.eval.run import run_eval
+
+    run_eval(
+        args.model,
+        args.questions,
+        args.out,
+        images=args.images,
+        answers=args.answers,
+        teacher=args.teacher,
+        heldout=args.heldout,
+        metrics=args.metrics,
+        template=args.template,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        pad_to_square=args.pad_to_square,
+    )
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="answer a question file with a checkpoint, score it, diagnose distillation")
+    ev.add_argument("--model", required=True, help="checkpoint folder (save_pretrained of model + processor)")
+    ev.add_argument("--questions", required=True, help="LLaVA question JSONL: {question_id, image, text}")
+    ev.add_argument("--out", required=True, help="answers JSONL to write")
+    ev.add_argument("--images", default=None, help="folder the image paths are relative to")
+    ev.add_argument("--answers", default=None, help="answer key JSONL {question_id, answer, type}: score and diagnose")
+    ev.add_argument("--teacher", default=None, help="teacher checkpoint folder: adds KL(teacher || student)")
+    ev.add_argument("--heldout", default=None, help="LLaVA conversation .json/.jsonl for the diagnostics")
+    ev.add_argument("--metrics", default=None, help="metrics JSON path (default: metrics.json beside --out)")
+    ev.add_argument("--template", default="chat", choices=("plain", "chat", "vicuna"), help="the training template")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--pad-to-square", action="store_true", help="pad images to squares, as in LLaVA-1.5 training")
+    ev.set_defaults(func=_run_eval)
+
+
 # One adder per top-level command; train / eval / demo go here.
-COMMANDS = (_add_data,)
+COMMANDS = (_add_data, _add_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
