@@ -85,8 +85,43 @@ def _add_eval(sub) -> None:
     ev.set_defaults(func=_run_eval)
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from kdengine.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:  # before any model, dataset or DeepSpeed is loaded
+        print(f"kdengine train: config error: {err}", file=sys.stderr)
+        return 2
+    from kdengine.train.run import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _add_train(sub) -> None:
+    train = sub.add_parser(
+        "train",
+        help="run the stages of a training config (pt, sft, dpt, dft) on DeepSpeed",
+        description="Run a pipeline of stages from a YAML config; without CONFIG the embedded tiny default "
+        "(synthetic data, tiny teacher and student, CPU). Several GPUs or nodes: "
+        "deepspeed --no_local_rank [--hostfile FILE] --module kdengine.cli train CONFIG.",
+    )
+    train.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny pipeline)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set stages.student_dft.lr=1e-4 --set run.output_dir=runs/x (repeatable)",
+    )
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in run.output_dir: skip finished stages, "
+        "restart the unfinished one from its last checkpoint",
+    )
+    train.set_defaults(func=_run_train)
+
+
 # One adder per top-level command; train / eval / demo go here.
-COMMANDS = (_add_data, _add_eval)
+COMMANDS = (_add_data, _add_eval, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,308 @@
+"""One stage: build (student, teacher, data, DeepSpeed engine) -> restore -> steps -> save.
+
+Every stage kind runs the same loop; the kind only sets defaults in the config (trainable
+components, loss weights) and whether a teacher runs. Each optimizer step reads ``accum``
+micro-batches per rank; for each one the teacher (no grad) runs first, then the student and
+`llava_kd_loss` inside the engine's forward, then ``engine.backward`` and ``engine.step``
+(DeepSpeed steps the optimizer and the LR schedule at the accumulation boundary).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kdengine.data import LlavaCollator
+from kdengine.model import check_tokenizers, format_param_summary, num_image_tokens, param_summary
+from kdengine.model import same_vision_tower, set_trainable
+from kdengine.train.checkpoint import (
+    finished_stage,
+    latest_checkpoint,
+    load_checkpoint,
+    model_dir,
+    remove_checkpoints,
+    save_checkpoint,
+    save_stage_model,
+)
+from kdengine.train.config import EngineConfig, StageConfig, read_deepspeed_json, zero_stage
+from kdengine.train.data import StepPlan, build_stage_dataset, micro_batches
+from kdengine.train.dist import DistInfo, all_reduce
+from kdengine.train.metrics import Progress, peak_memory_mb
+from kdengine.train.models import Teacher, apply_patches, load_model
+from kdengine.train.objective import StudentObjective, teacher_outputs
+from kdengine.train.optim import WarmupCosine, build_optimizer
+from kdengine.train.plots import plot_stage
+from kdengine.train.session import Session
+
+__all__ = ["StageParts", "build_engine", "build_stage", "deepspeed_config", "run_stage", "train_step"]
+
+KILL_ENV = "KDENGINE_KILL_AFTER_STEPS"  # fault injection for tests: SIGKILL after this many optimizer steps
+TERMS = ("loss", "ce", "res", "vis", "rel")
+
+
+@dataclass
+class StageParts:
+    """What one stage trains with, built by `build_stage`."""
+
+    model: object
+    processor: object
+    teacher: Teacher | None
+    share: bool  # teacher and student use the same tower features (computed once, on the teacher)
+    dataset: object
+    collator: LlavaCollator
+    plan: StepPlan
+    engine: object
+    patches: list[str]
+
+
+def run_stage(s: Session, index: int, stage: StageConfig) -> dict:
+    """Run (or, when resuming, skip or continue) one stage; returns its summary row."""
+    stage_dir = s.stage_dir(stage.name)
+    done = finished_stage(stage_dir)
+    if done is not None:  # only with --resume (the run directory is checked when the session opens)
+        return _skip(s, stage, done)
+    t0 = time.time()
+    parts = build_stage(s, index, stage)
+    start, elapsed, ckpt = _restore(s, stage, parts)
+    s.log.truncate(stage.name, start)
+    if s.dist.is_main:
+        _print_header(stage, parts, s.dist, ckpt)
+    last = _train_loop(s, stage, parts, start, t0 - elapsed)
+    return _finish(s, stage, parts, last, elapsed + time.time() - t0)
+
+
+def build_stage(s: Session, index: int, stage: StageConfig) -> StageParts:
+    """Student (from its previous stage), teacher, data and the DeepSpeed engine of a stage."""
+    cfg, dist = s.cfg, s.dist
+    torch.manual_seed(cfg.run.seed + index)
+    model, processor = load_model(cfg.models[stage.model], s.latest.get(stage.model), dist.device)
+    set_trainable(model, stage.trainable)
+    patches = apply_patches(model, cfg.engine, dist.device)
+    model.train()
+    n_img = num_image_tokens(model)
+    teacher, share = _teacher(s, stage, model, processor, n_img) if stage.distills else (None, False)
+    dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
+    collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
+    plan = StepPlan.build(dataset, stage, dist, seed=cfg.run.seed + 1000 * index)
+    objective = StudentObjective(model, stage.weights, stage.distill, n_img)
+    engine = build_engine(objective, stage, plan, cfg.engine, dist)
+    return StageParts(model, processor, teacher, share, dataset, collator, plan, engine, patches)
+
+
+def _skip(s: Session, stage: StageConfig, done: dict) -> dict:
+    stage_dir = s.stage_dir(stage.name)
+    remove_checkpoints(stage_dir, s.dist)  # left over if a kill came between the save and the cleanup
+    s.latest[stage.model] = model_dir(stage_dir)
+    _release_if_stale(s, stage)
+    return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": model_dir(stage_dir),
+            "steps": done["steps"], "seconds": done["seconds"], "loss": done.get("loss"), "skipped": True}
+
+
+def _restore(s: Session, stage: StageConfig, parts: StageParts) -> tuple[int, float, str | None]:
+    """With --resume: (steps done, seconds spent, checkpoint) from the stage's last complete checkpoint."""
+    ckpt = latest_checkpoint(s.stage_dir(stage.name)) if s.resume else None
+    if ckpt is None:
+        return 0, 0.0, None
+    meta = load_checkpoint(parts.engine, ckpt, s.dist)
+    if meta.get("stage") != stage.name or meta.get("total_steps") != parts.plan.total_steps:
+        raise ValueError(
+            f"{ckpt}: written for stage {meta.get('stage')!r} with {meta.get('total_steps')} steps, "
+            f"but stage {stage.name!r} now has {parts.plan.total_steps}; expected the config the run started with"
+        )
+    return meta["step"], meta.get("seconds", 0.0), ckpt
+
+
+def _finish(s: Session, stage: StageConfig, parts: StageParts, last: float | None, seconds: float) -> dict:
+    """Save the Hugging Face directory, drop the mid-stage checkpoints, plot the loss curve."""
+    stage_dir = s.stage_dir(stage.name)
+    info = {"stage": stage.name, "kind": stage.kind, "model": stage.model, "steps": parts.plan.total_steps,
+            "seconds": seconds, "loss": last, "trainable": stage.trainable}
+    path = save_stage_model(parts.model, parts.processor, stage_dir, info, s.dist, zero3=zero_stage(s.cfg.engine) == 3)
+    remove_checkpoints(stage_dir, s.dist)
+    s.latest[stage.model] = path
+    if s.dist.is_main:
+        png = os.path.join(stage_dir, "loss.png")
+        note = plot_stage(s.log.records(stage.name), png, f"{stage.name} ({stage.kind})")
+        if note:
+            print(note, flush=True)
+    parts.engine = parts.model = None
+    gc.collect()
+    _release_if_stale(s, stage)
+    return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": path,
+            "steps": parts.plan.total_steps, "seconds": seconds, "loss": last}
+
+
+def _teacher(s: Session, stage: StageConfig, model, processor, n_img: int) -> tuple[Teacher, bool]:
+    cfg, dist = s.cfg, s.dist
+    init = s.latest.get(stage.teacher)
+    teacher = s.teachers.get((stage.teacher, init), cfg.models[stage.teacher], init, dist.device,
+                             cfg.engine.shard_teacher)
+    check_tokenizers(teacher.processor, processor)
+    if teacher.model.config.image_token_id != model.config.image_token_id:
+        raise ValueError(f"image_token_id differs: teacher {teacher.model.config.image_token_id}, "
+                         f"student {model.config.image_token_id}")
+    n_tok, rows = len(processor.tokenizer), teacher.lm_head_weight.shape[0]
+    if rows < n_tok:
+        raise ValueError(f"teacher lm_head has {rows} rows but the tokenizer has {n_tok} tokens; expected >= {n_tok}")
+    if num_image_tokens(teacher.model) != n_img:
+        raise ValueError(f"teacher uses {num_image_tokens(teacher.model)} tokens per image, the student {n_img}; "
+                         f"expected equal (the visual positions must line up)")
+    share = (not teacher.sharded and "vision_tower" not in stage.trainable
+             and same_vision_tower(teacher.model, model))
+    return teacher, share
+
+
+def _release_if_stale(s: Session, stage: StageConfig) -> None:
+    """Drop the cached teacher once no later stage distills from it with the same weights."""
+    key = s.teachers.key
+    if key is None:
+        return
+    later = s.cfg.stages[s.cfg.stages.index(stage) + 1:]
+    for st in later:
+        if st.model == key[0]:
+            break  # the teacher model is trained again first: its weights change
+        if st.distills and st.teacher == key[0]:
+            return
+    s.teachers.release()
+
+
+def deepspeed_config(stage: StageConfig, plan: StepPlan, engine: EngineConfig, dist: DistInfo) -> dict:
+    """The optional JSON plus what the stage and the device decide (batch, accumulation, clipping, bf16)."""
+    ds = read_deepspeed_json(engine.deepspeed_config) if engine.deepspeed_config else {}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(engine)}
+    ds.update(
+        train_batch_size=stage.batch_size,
+        train_micro_batch_size_per_gpu=stage.micro_batch_size,
+        gradient_accumulation_steps=plan.accum,
+        gradient_clipping=stage.grad_clip,
+        bf16={"enabled": dist.device.type == "cuda"},
+        steps_per_print=2**31 - 1,
+    )
+    return ds
+
+
+def build_engine(objective: StudentObjective, stage: StageConfig, plan: StepPlan, engine: EngineConfig,
+                 dist: DistInfo):
+    """deepspeed.initialize on the student objective: AdamW over the trainable parameters, warmup + cosine."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    optimizer = build_optimizer(objective, stage.lr, stage.weight_decay)
+    schedule = WarmupCosine(plan.total_steps, stage.warmup_ratio)
+    ds_engine, *_ = deepspeed.initialize(
+        model=objective, optimizer=optimizer, config=deepspeed_config(stage, plan, engine, dist),
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+    )
+    if zero_stage(engine) == 3:
+        objective.register_zero3_external()
+    return ds_engine
+
+
+def train_step(engine, batches: list[dict], teacher: Teacher | None, share: bool):
+    """One optimizer step over this rank's micro-batches:
+    (mean detached loss terms, tokens read, global gradient norm before clipping)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens, gnorm = 0, None
+    for i, batch in enumerate(batches):
+        if batch is None:
+            raise ValueError("a micro-batch had no loadable sample (every image failed); check the dataset's images")
+        t_out, features = teacher_outputs(teacher, batch, share) if teacher is not None else (None, None)
+        loss, terms = engine(batch, t_out, features)
+        engine.backward(loss)
+        if i == len(batches) - 1 and _plain_fp32(engine):
+            gnorm = _grad_norm(engine)  # DeepSpeed keeps none here; the grads are already all-reduced
+        engine.step()
+        for k, v in terms.items():
+            sums[k] = sums[k] + v if k in sums else v
+        tokens += int(batch["attention_mask"].sum())
+    if gnorm is None:
+        gnorm = engine.get_global_grad_norm()  # a tensor or a float (None if DeepSpeed computed none)
+    return {k: v / len(batches) for k, v in sums.items()}, tokens, gnorm
+
+
+def _plain_fp32(engine) -> bool:
+    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled()
+
+
+def _grad_norm(engine) -> torch.Tensor | None:
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _train_loop(s: Session, stage: StageConfig, parts: StageParts, start: int, t0: float) -> float | None:
+    """Optimizer steps ``start`` .. total: log, checkpoint every K steps; returns the last logged loss."""
+    cfg, dist, plan, engine = s.cfg, s.dist, parts.plan, parts.engine
+    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    progress = Progress(stage.name, plan.total_steps, start, dist.is_main)
+    last = None
+    try:
+        for epoch, first, micro in plan.epoch_steps(start):
+            batches = micro_batches(parts.dataset, parts.collator, micro, cfg.engine.num_workers)
+            for k in range(len(micro) // plan.accum):
+                step = first + k + 1  # optimizer steps done after this one
+                lr = engine.get_lr()[0]
+                t = time.perf_counter()
+                step_batches = [next(batches) for _ in range(plan.accum)]
+                terms, tokens, gnorm = train_step(engine, step_batches, parts.teacher, parts.share)
+                record = None
+                if step % cfg.run.log_every == 0 or step == plan.total_steps:
+                    record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, time.perf_counter() - t, dist)
+                    s.log.write(record)
+                    last = record["loss"]
+                progress.update(record, 1)
+                if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step < plan.total_steps:
+                    state = {"stage": stage.name, "step": step, "total_steps": plan.total_steps,
+                             "seconds": time.time() - t0}
+                    save_checkpoint(engine, s.stage_dir(stage.name), step, state, dist, cfg.run.keep_checkpoints)
+                s.steps_done += 1
+                if kill_after and s.steps_done >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        progress.close()
+    return last
+
+
+def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist) -> dict:
+    """Metrics of one step, averaged (terms) or summed (tokens) over ranks."""
+    names = [k for k in TERMS if k in terms]
+    vec = torch.stack([terms[k].float().to(dist.device) for k in names]
+                      + [torch.tensor(float(tokens), device=dist.device)])
+    vec = all_reduce(vec).cpu()
+    seconds = float(all_reduce(torch.tensor([seconds], device=dist.device), op="max").item())
+    record = {"stage": stage.name, "kind": stage.kind, "step": step, "total_steps": plan.total_steps, "epoch": epoch}
+    record.update({k: float(vec[i]) / dist.world_size for i, k in enumerate(names)})
+    record.update(
+        lr=lr,
+        grad_norm=None if gnorm is None else float(gnorm),
+        tokens=int(vec[-1]),
+        tokens_per_s=float(vec[-1]) / max(seconds, 1e-9),
+        step_time_s=seconds,
+        peak_mem_mb=peak_memory_mb(dist.device),
+        time=time.time(),
+    )
+    return record
+
+
+def _print_header(stage: StageConfig, parts: StageParts, dist: DistInfo, ckpt: str | None) -> None:
+    plan = parts.plan
+    print(f"\n== stage {stage.name} ({stage.kind}): model {stage.model}"
+          + (f", teacher {stage.teacher}" if parts.teacher is not None else ""), flush=True)
+    print(format_param_summary(param_summary(parts.model)))
+    print(f"{parts.dataset.summary.format()}\nglobal batch {stage.batch_size} = {stage.micro_batch_size} micro x "
+          f"{dist.world_size} ranks x {plan.accum} accumulation, {plan.total_steps} steps "
+          f"({plan.steps_per_epoch}/epoch), lr {stage.lr:g}")
+    if stage.distills:
+        w, d = stage.weights, stage.distill
+        print(f"loss = {w.ce:g} ce + {w.res:g} res + {w.vis:g} vis + {w.rel:g} rel; "
+              f"{d.divergence} T={d.temperature:g}, rdist {d.rdist_reduction}; "
+              f"shared vision features: {parts.share}")
+    if parts.patches:
+        print("patches: " + ", ".join(parts.patches))
+    if ckpt:
+        print(f"resuming from {ckpt}")
+    print(flush=True)
