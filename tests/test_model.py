@@ -467,3 +467,13 @@ def test_tokenizer_normalizer_difference_is_caught(tok_dir, tmp_path):
     b.backend_tokenizer.normalizer = normalizers.Lowercase()
     with pytest.raises(ValueError, match="split .* differently"):
         check_tokenizers(a, b)
+
+
+def test_same_vision_tower_after_save_and_reload(student, tmp_path):
+    """A reloaded model carries a config dtype that a fresh one leaves None; the towers still match."""
+    s, processor = student
+    s.save_pretrained(tmp_path / "m")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert same_vision_tower(s, reloaded)
+    reloaded.model.vision_tower.to(torch.float64)
+    assert not same_vision_tower(s, reloaded)  # tensor dtypes are still compared

@@ -94,3 +94,12 @@ def test_rdist_needs_whole_images():
     student, teacher = make_batch()
     with pytest.raises(ValueError, match="not a multiple of num_image_tokens=5"):
         llava_kd_loss(student, teacher, LossWeights(), DistillSettings(), num_image_tokens=5)
+
+
+def test_text_only_batch_has_zero_rdist():
+    student, teacher = make_batch()
+    for out in (student, teacher):
+        out.visual_mask = torch.zeros_like(out.visual_mask)
+    total, terms = llava_kd_loss(student, teacher, LossWeights(), DistillSettings(), num_image_tokens=4)
+    total.backward()
+    assert float(terms["rel"]) == 0.0 and float(terms["vis"]) == 0.0 and torch.isfinite(total)

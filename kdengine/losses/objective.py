@@ -109,6 +109,8 @@ def _rdist(student, teacher, p, settings):
     if p is None or p <= 0:
         raise ValueError(f"num_image_tokens={p}; RDist needs the visual tokens per image (> 0)")
     n = int(vis.sum())
+    if n == 0:  # a text-only batch: no image, no relation to distil
+        return student.hidden.new_zeros((), dtype=torch.float32)
     if n % p:
         raise ValueError(f"{n} visual tokens in the batch is not a multiple of num_image_tokens={p}")
     hs = student.hidden[vis].view(n // p, p, -1)

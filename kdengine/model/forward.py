@@ -148,7 +148,9 @@ def same_vision_tower(a: LlavaForConditionalGeneration, b: LlavaForConditionalGe
     _check_llava(b)
     if a.model.vision_tower is b.model.vision_tower:
         return True
-    skip = {"_name_or_path", "architectures", "transformers_version", "_attn_implementation_autoset"}
+    # dtype is compared on the tensors below (the config field is None on a fresh model, set on a reloaded one)
+    skip = {"_name_or_path", "architectures", "transformers_version", "_attn_implementation_autoset", "dtype",
+            "torch_dtype"}
     ca = {k: v for k, v in a.config.vision_config.to_dict().items() if k not in skip}
     cb = {k: v for k, v in b.config.vision_config.to_dict().items() if k not in skip}
     if ca != cb:

@@ -38,10 +38,7 @@ class StudentObjective(nn.Module):
 
     def forward(self, batch: dict, teacher_out: DistillOutputs | None = None, features: torch.Tensor | None = None):
         out = distill_forward(self.student, batch, vision_features=features)
-        weights = self.weights
-        if teacher_out is not None and weights.rel != 0 and batch.get("pixel_values") is None:
-            weights = dataclasses.replace(weights, rel=0.0)  # a text-only batch: no image, no RDist term
-        loss, terms = llava_kd_loss(out, teacher_out, weights, self.settings, num_image_tokens=self.num_image_tokens)
+        loss, terms = llava_kd_loss(out, teacher_out, self.weights, self.settings, num_image_tokens=self.num_image_tokens)
         for k in self.term_names(teacher_out is not None):  # the same keys on every batch and rank
             terms.setdefault(k, loss.new_zeros((), dtype=torch.float32))
         return loss, terms
