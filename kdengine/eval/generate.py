@@ -27,6 +27,7 @@ from kdengine.data.images import process_images
 from kdengine.data.records import Record, Turn, open_image
 from kdengine.data.templates import IGNORE_INDEX, check_template, image_token_id_of, tokenize_record
 from kdengine.data.tokenizer import IMAGE_TOKEN
+from kdengine.eval.scoring import iter_question_rows
 
 __all__ = [
     "Question",
@@ -55,39 +56,23 @@ class Question:
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
     """Read a LLaVA question JSONL file; raise ValueError naming the line of the first bad row."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"question file not found: {path}")
     questions, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            qid = row.get("question_id")
-            if qid is None or isinstance(qid, bool) or not isinstance(qid, (str, int)):
-                raise ValueError(f"{where}: 'question_id' must be a string or int, got {qid!r}")
-            if qid in seen:
-                raise ValueError(f"{where}: question_id {qid!r} repeats line {seen[qid]}")
-            seen[qid] = lineno
-            text = row.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: 'text' must be a non-empty string, got {text!r:.80}")
-            image = row.get("image")
-            if image is not None and (not isinstance(image, str) or not image):
-                raise ValueError(f"{where}: 'image' must be a non-empty path string or absent, got {image!r}")
-            n_tok = text.count(IMAGE_TOKEN)
-            if n_tok > (1 if image else 0):
-                raise ValueError(
-                    f"{where}: text holds {n_tok} {IMAGE_TOKEN!r} placeholder(s) for {1 if image else 0} image(s)"
-                )
-            questions.append(Question(qid, text, image, where))
+    for row, qid, where in iter_question_rows(path, "question file"):
+        if qid in seen:
+            raise ValueError(f"{where}: question_id {qid!r} repeats {seen[qid]}")
+        seen[qid] = where
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: 'text' must be a non-empty string, got {text!r:.80}")
+        image = row.get("image")
+        if image is not None and (not isinstance(image, str) or not image):
+            raise ValueError(f"{where}: 'image' must be a non-empty path string or absent, got {image!r}")
+        n_tok = text.count(IMAGE_TOKEN)
+        if n_tok > (1 if image else 0):
+            raise ValueError(
+                f"{where}: text holds {n_tok} {IMAGE_TOKEN!r} placeholder(s) for {1 if image else 0} image(s)"
+            )
+        questions.append(Question(qid, text, image, where))
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions

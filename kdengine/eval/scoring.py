@@ -224,12 +224,12 @@ class KeyEntry:
     where: str
 
 
-def load_answer_key(path: str | os.PathLike) -> dict:
-    """{question_id: KeyEntry} from an answer-key JSONL file; ValueError names the bad line."""
+def iter_question_rows(path: str | os.PathLike, what: str):
+    """Yield (row dict, question_id, "file:line") from a LLaVA JSONL file of question-keyed objects
+    (questions or answer keys); ValueError names the line of the first malformed row."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"answer key not found: {path}")
-    key = {}
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -241,19 +241,28 @@ def load_answer_key(path: str | os.PathLike) -> dict:
                 raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            qid, answer, kind = row.get("question_id"), row.get("answer"), row.get("type")
+            qid = row.get("question_id")
             if qid is None or isinstance(qid, bool) or not isinstance(qid, (str, int)):
                 raise ValueError(f"{where}: 'question_id' must be a string or int, got {qid!r}")
-            if qid in key:
-                raise ValueError(f"{where}: question_id {qid!r} repeats {key[qid].where}")
-            if kind not in QUESTION_TYPES:
-                raise ValueError(f"{where}: type={kind!r}; expected one of {QUESTION_TYPES}")
-            if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer) and kind == "exact":
-                answer = tuple(answer)
-            elif not isinstance(answer, str):
-                raise ValueError(f"{where}: 'answer' must be a string (or a list of strings for type 'exact'), "
-                                 f"got {answer!r}")
-            key[qid] = KeyEntry(answer, kind, where)
+            yield row, qid, where
+
+
+def load_answer_key(path: str | os.PathLike) -> dict:
+    """{question_id: KeyEntry} from an answer-key JSONL file; ValueError names the bad line."""
+    path = os.fspath(path)
+    key = {}
+    for row, qid, where in iter_question_rows(path, "answer key"):
+        answer, kind = row.get("answer"), row.get("type")
+        if qid in key:
+            raise ValueError(f"{where}: question_id {qid!r} repeats {key[qid].where}")
+        if kind not in QUESTION_TYPES:
+            raise ValueError(f"{where}: type={kind!r}; expected one of {QUESTION_TYPES}")
+        if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer) and kind == "exact":
+            answer = tuple(answer)
+        elif not isinstance(answer, str):
+            raise ValueError(f"{where}: 'answer' must be a string (or a list of strings for type 'exact'), "
+                             f"got {answer!r}")
+        key[qid] = KeyEntry(answer, kind, where)
     if not key:
         raise ValueError(f"{path}: empty answer key")
     return key
