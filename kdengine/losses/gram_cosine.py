@@ -27,10 +27,9 @@ import weakref
 
 import torch
 
-from kdengine.losses.fused_linear_divergence import check_devices_dtypes_frozen_teacher, resolve_impl
+from kdengine.losses.fused_linear_divergence import IMPLS, check_devices_dtypes_frozen_teacher, resolve_impl
 
 REDUCTIONS = ("batch", "sample")
-IMPLS = ("auto", "triton", "torch", "reference")
 _GRAM_CACHE: list = []  # (weakref to weight, version, rows, G), most recent last
 _GRAM_CACHE_SIZE = 4
 
