@@ -25,6 +25,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         multi_turn=args.multi_turn,
         text_only=args.text_only,
         vocab_size=args.vocab_size,
+        questions=args.questions,
     )
     for name, path in paths.items():
         print(f"{name:15s} {path}")
@@ -45,6 +46,8 @@ def _add_data(sub) -> None:
     synth.add_argument("--multi-turn", type=float, default=0.3, help="fraction of multi-turn instruction records")
     synth.add_argument("--text-only", type=float, default=0.05, help="fraction of text-only instruction records")
     synth.add_argument("--vocab-size", type=int, default=2048, help="upper bound for the BPE vocabulary")
+    synth.add_argument("--questions", default="mixed",
+                       help="question set: mixed or basic (kdengine.data.synth.QUESTION_SETS)")
     synth.set_defaults(func=_run_data_synth)
 
 

@@ -10,7 +10,22 @@ from PIL import Image
 
 from kdengine.cli import main
 from kdengine.data.records import load_records
-from kdengine.data.synth import COLORS, Shape, draw_scene, q_choice, q_color, q_count, q_position, q_presence, synthesize
+from kdengine.data.synth import (
+    COLORS,
+    QUESTION_SETS,
+    Shape,
+    draw_scene,
+    q_choice,
+    q_color,
+    q_color_presence,
+    q_count,
+    q_count_check,
+    q_count_choice,
+    q_count_total,
+    q_position,
+    q_presence,
+    synthesize,
+)
 
 SMALL = dict(n_caption=10, n_instruct=40, n_eval=12, image_size=32, text_only=0.1)
 TEXT_FILES = ("pretrain.json", "instruct.json", "eval/questions.jsonl", "eval/answers.jsonl", "meta.json", "tokenizer/tokenizer.json")
@@ -126,6 +141,41 @@ def test_question_answers_match_the_scene():
             else:
                 shape = re.match(r"What color is the (\w+)\?", q).group(1)
                 assert chosen == {"circle": "red", "square": "blue", "star": "blue"}[shape]
+
+
+def test_basic_question_answers_match_the_scene():
+    # SCENE: a red circle, a blue square and a blue star.
+    counts = {"How many shapes are in the image?": 3, "How many blue shapes are there?": 2, "How many red shapes are there?": 1}
+    seen = set()
+    for k in range(60):
+        q, a, kind = q_count_total(random.Random(k), SCENE)
+        assert kind == "exact" and a == str(counts.get(q.split(" Answer")[0], 0))
+        q, a, kind = q_color_presence(random.Random(k), SCENE)
+        color = re.match(r"Is there an? (\w+) shape in the image\?", q).group(1)
+        assert kind == "yesno" and a == ("Yes" if color in ("red", "blue") else "No")
+        q, a, kind = q_count_check(random.Random(k), SCENE)
+        n = re.match(r"(?:Is|Are) there (\w+) shapes? in the image\?", q).group(1)
+        assert kind == "yesno" and a == ("Yes" if n == "three" else "No")
+        seen.add(a)
+        qa = q_count_choice(random.Random(k), SCENE)
+        if qa is None:  # a count outside the listed options
+            continue
+        q, a, kind = qa
+        options = re.findall(r"\n([A-D])\. (\d)", q)
+        assert kind == "mc" and [int(v) for _, v in options] == sorted(int(v) for _, v in options)
+        assert int(dict(options)[a]) == counts.get(q.split("\n")[0], 0)
+    assert seen == {"Yes", "No"}  # both answers occur
+
+
+def test_question_set_is_used_and_checked(tmp_path):
+    synthesize(tmp_path / "basic", seed=3, questions="basic", **SMALL)
+    texts = [json.loads(line)["text"] for line in open(tmp_path / "basic" / "eval" / "questions.jsonl")]
+    patterns = ("What color is the", "How many", "Is there an? \\w+ shape in", "(Is|Are) there \\w+ shapes? in")
+    assert all(any(re.match(p, t) for p in patterns) for t in texts), texts
+    assert json.load(open(tmp_path / "basic" / "meta.json"))["questions"] == "basic"
+    assert set(QUESTION_SETS) == {"mixed", "basic"}
+    with pytest.raises(ValueError, match="questions='hard'"):
+        synthesize(tmp_path / "bad", questions="hard", **SMALL)
 
 
 def test_cli_data_synth(tmp_path, capsys):

@@ -104,6 +104,7 @@ ERRORS = [
      r"datasets\.pretrain\.path = '/nonexistent/558k\.json': file not found"),
     ("missing-image-folder", ["datasets.instruct.image_folder=/nonexistent/images"], 1,
      r"datasets\.instruct\.image_folder = '/nonexistent/images': directory not found"),
+    ("bad-question-set", ["synth.questions=hard"], 1, r"synth\.questions = 'hard': expected one of \['basic', 'mixed'\]"),
     ("set-without-equals", ["stages.0.lr"], 1, r"--set 'stages\.0\.lr': expected key=value"),
     ("set-bad-stage-name", ["stages.student_xft.lr=1"], 1, r"no item named 'student_xft'"),
     ("set-bad-index", ["stages.9.lr=1"], 1, r"index 9 out of range; the list has 5 items"),

@@ -5,8 +5,9 @@
     out_dir/images/{caption,instruct,eval}/NNNNNN.png   pillow-drawn scenes, 1-4 shapes
     out_dir/pretrain.json          captions, 558k-like: [{id, image, conversations}]
     out_dir/instruct.json          instructions, mix665k-like: colour, count, yes/no presence,
-                                   relative position, lettered multiple choice; some multi-turn,
-                                   a few text-only records
+                                   relative position, lettered multiple choice (``questions``
+                                   picks a set, see QUESTION_SETS); some multi-turn, a few
+                                   text-only records
     out_dir/eval/questions.jsonl   {question_id, image, text, category}   (held-out scenes)
     out_dir/eval/answers.jsonl     {question_id, answer, type}, type in exact | yesno | mc
     out_dir/tokenizer/             byte-level BPE trained on all the text above
@@ -225,13 +226,60 @@ def q_choice(rng, shapes):
     return f"{question}\n{lines}\n{MC_SUFFIX}", letters[options.index(right)], "mc"
 
 
-QUESTION_MAKERS = (q_color, q_count, q_presence, q_position, q_choice)
+def q_count_total(rng, shapes):
+    """Exact count of every shape, or of the shapes of one colour."""
+    if rng.random() < 0.5:
+        return f"How many shapes are in the image? {SHORT}", str(len(shapes)), "exact"
+    color = rng.choice(sorted(COLORS))
+    return f"How many {color} shapes are there? {SHORT}", str(sum(s.color == color for s in shapes)), "exact"
 
 
-def ask(rng: random.Random, shapes: list[Shape], avoid: set[str] = frozenset()):
-    """One (question, answer, type) for the scene, not repeating a question in ``avoid``."""
+def q_color_presence(rng, shapes):
+    """Yes/no on a colour alone, half of the time a colour that is present."""
+    present = sorted({s.color for s in shapes})
+    absent = [c for c in sorted(COLORS) if c not in present]
+    color = rng.choice(present if rng.random() < 0.5 else absent)
+    return f"Is there {article(color)} {color} shape in the image? Answer yes or no.", "Yes" if color in present else "No", "yesno"
+
+
+def q_count_check(rng, shapes):
+    """Yes/no on the number of shapes, half of the time the true number."""
+    n = len(shapes) if rng.random() < 0.5 else rng.choice([k for k in range(1, 5) if k != len(shapes)])
+    noun = "shape" if n == 1 else "shapes"
+    verb = "Is" if n == 1 else "Are"
+    return f"{verb} there {NUMBER_WORDS[n]} {noun} in the image? Answer yes or no.", "Yes" if n == len(shapes) else "No", "yesno"
+
+
+def q_count_choice(rng, shapes):
+    """Lettered multiple choice on a count; the options are the numbers in ascending order."""
+    if rng.random() < 0.5:
+        question, right, options = "How many shapes are in the image?", len(shapes), [1, 2, 3, 4]
+    else:
+        color = rng.choice(sorted(COLORS))
+        question, right, options = f"How many {color} shapes are there?", sum(s.color == color for s in shapes), [0, 1, 2, 3]
+    if right not in options:
+        return None
+    lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{lines}\n{MC_SUFFIX}", "ABCD"[options.index(right)], "mc"
+
+
+# Question sets: each maker is drawn with equal probability.
+# "mixed": colour, count, presence, relative position and lettered choice with shuffled options.
+# "basic": what a tiny language model trained from scratch learns to read off the image within
+#   minutes of CPU time: counts and colours (exact, yes/no, and choices in ascending order).
+#   Measured on the demo's teacher: shape identity, relative position and shuffled options stay
+#   at chance level after 5000 steps, while counts and colours are learned.
+QUESTION_SETS = {
+    "mixed": (q_color, q_count, q_presence, q_position, q_choice),
+    "basic": (q_color, q_count_total, q_color_presence, q_count_check, q_count_choice),
+}
+QUESTION_MAKERS = QUESTION_SETS["mixed"]
+
+
+def ask(rng: random.Random, shapes: list[Shape], avoid: set[str] = frozenset(), makers=QUESTION_MAKERS):
+    """One (question, answer, type) for the scene from ``makers``, not repeating a question in ``avoid``."""
     for _ in range(50):
-        qa = rng.choice(QUESTION_MAKERS)(rng, shapes)
+        qa = rng.choice(makers)(rng, shapes)
         if qa is not None and qa[0] not in avoid:
             return qa
     return q_count(rng, shapes)  # always possible
@@ -266,6 +314,7 @@ def synthesize(
     multi_turn: float = 0.3,
     text_only: float = 0.05,
     vocab_size: int = 2048,
+    questions: str = "mixed",
 ) -> dict:
     """Write the synthetic dataset and tokenizer to ``out_dir`` (see the module docstring).
 
@@ -279,6 +328,8 @@ def synthesize(
         multi_turn: fraction of instruction records with 2-3 question turns.
         text_only: fraction of instruction records without an image.
         vocab_size: upper bound for the BPE tokenizer.
+        questions: question set of the instruction and evaluation records, a key of
+            ``QUESTION_SETS`` ("mixed" or "basic").
 
     Returns:
         dict of paths: images, pretrain, instruct, eval_questions, eval_answers, tokenizer, meta.
@@ -291,6 +342,9 @@ def synthesize(
     for name, v in (("noise", noise), ("multi_turn", multi_turn), ("text_only", text_only)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}={v}: expected a fraction in [0, 1]")
+    if questions not in QUESTION_SETS:
+        raise ValueError(f"questions={questions!r}: expected one of {sorted(QUESTION_SETS)}")
+    makers = QUESTION_SETS[questions]
     out = os.fspath(out_dir)
     img_root = os.path.join(out, "images")
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
@@ -328,19 +382,19 @@ def synthesize(
         n_turns = rng.randint(2, 3) if rng.random() < multi_turn else 1
         conv, asked = [], set()
         for t in range(n_turns):
-            q, a, _ = ask(rng, shapes, asked)
+            q, a, _ = ask(rng, shapes, asked, makers)
             asked.add(q)
             conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
         instruct.append({"id": f"ins-{i:06d}", "image": rel, "conversations": conv})
 
     rng = random.Random(f"kdengine-synth-{seed}-eval")
-    questions, answers = [], []
+    eval_questions, eval_answers = [], []
     for i in range(n_eval):
         rel = f"eval/{i:06d}.png"
         shapes = scene(rng, rel)
-        q, a, kind = ask(rng, shapes)
-        questions.append({"question_id": i, "image": rel, "text": q, "category": kind})
-        answers.append({"question_id": i, "answer": a, "type": kind})
+        q, a, kind = ask(rng, shapes, makers=makers)
+        eval_questions.append({"question_id": i, "image": rel, "text": q, "category": kind})
+        eval_answers.append({"question_id": i, "answer": a, "type": kind})
 
     paths = {
         "images": img_root,
@@ -353,13 +407,13 @@ def synthesize(
     }
     _dump_json(pretrain, paths["pretrain"])
     _dump_json(instruct, paths["instruct"])
-    _dump_jsonl(questions, paths["eval_questions"])
-    _dump_jsonl(answers, paths["eval_answers"])
+    _dump_jsonl(eval_questions, paths["eval_questions"])
+    _dump_jsonl(eval_answers, paths["eval_answers"])
 
     corpus = [VICUNA_SYSTEM, "USER: ASSISTANT:", "system user assistant"]
     for rec in pretrain + instruct:
         corpus += [turn["value"] for turn in rec["conversations"]]
-    corpus += [q["text"] for q in questions] + [a["answer"] for a in answers]
+    corpus += [q["text"] for q in eval_questions] + [a["answer"] for a in eval_answers]
     tok = train_tokenizer(corpus, paths["tokenizer"], vocab_size=vocab_size)
 
     meta = {
@@ -371,6 +425,7 @@ def synthesize(
         "noise": noise,
         "multi_turn": multi_turn,
         "text_only": text_only,
+        "questions": questions,
         "vocab_size": len(tok),
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
     }

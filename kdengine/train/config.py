@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kdengine.data.synth import QUESTION_SETS
 from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES
 from kdengine.losses.gram_cosine import IMPLS, REDUCTIONS
 from kdengine.losses.objective import DistillSettings, LossWeights
@@ -107,6 +108,7 @@ class SynthConfig:
     n_eval: int = 32
     image_size: int = 32
     vocab_size: int = 1024
+    questions: str = "mixed"  # question set: a key of kdengine.data.synth.QUESTION_SETS
 
 
 @dataclass
@@ -479,6 +481,8 @@ def check(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) -> No
     if cfg.synth is not None:
         for name in ("n_caption", "n_instruct", "n_eval"):
             _at_least(f"synth.{name}", getattr(cfg.synth, name), 0)
+        if cfg.synth.questions not in QUESTION_SETS:
+            raise ConfigError(f"synth.questions = {cfg.synth.questions!r}: expected one of {sorted(QUESTION_SETS)}")
     if check_paths:
         _check_paths(cfg)
 

@@ -35,7 +35,7 @@ def ensure_synth(synth: SynthConfig | None, dist: DistInfo) -> None:
         print(f"synthesizing data into {synth.out}", flush=True)
         synthesize(
             tmp, seed=synth.seed, n_caption=synth.n_caption, n_instruct=synth.n_instruct, n_eval=synth.n_eval,
-            image_size=synth.image_size, vocab_size=synth.vocab_size,
+            image_size=synth.image_size, vocab_size=synth.vocab_size, questions=synth.questions,
         )
         if os.path.isdir(synth.out):  # a folder without meta.json: an interrupted write, replace it
             shutil.rmtree(synth.out)
