@@ -25,9 +25,16 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_CONFIG", "MAIN_ROWS", "Row", "demo_config", "format_markdown", "plot_results", "run_demo"]
+__all__ = ["DEFAULT_CONFIG", "MAIN_ROWS", "Row", "demo_config", "format_markdown", "packaged_config", "plot_results", "run_demo"]
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+def packaged_config(name: str, package_dir: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """``configs/<name>``: the installed copy (package data in kdengine/configs) if there is one,
+    else the source checkout's (an editable install)."""
+    installed = os.path.join(package_dir, "configs", name)
+    return installed if os.path.isfile(installed) else os.path.join(os.path.dirname(package_dir), "configs", name)
+
+
+DEFAULT_CONFIG = packaged_config("demo.yaml")
 TEACHER = "teacher"
 STUDENT_PREFIX = "student_"
 MAIN_ROWS = ("pt_sft", "dpt_sft_dft")  # the baseline and LLaVA-KD; --ablation adds every other student

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from kdengine.cli import main
-from kdengine.demo import DEFAULT_CONFIG, demo_config
+from kdengine.demo import DEFAULT_CONFIG, demo_config, packaged_config
 from kdengine.train.config import ConfigError
 
 TYPES = ("exact", "yesno", "mc")
@@ -26,6 +26,16 @@ def _small(steps: int = 4) -> list[str]:
         n = sum(o.model == st.model and o.data == st.data for o in cfg.stages)
         sets.append(f"stages.{st.name}.max_steps={steps // n}")
     return sets
+
+
+def test_default_config_found_installed_or_in_checkout(tmp_path):
+    assert os.path.isfile(DEFAULT_CONFIG)
+    pkg = tmp_path / "site" / "kdengine"
+    (pkg / "configs").mkdir(parents=True)
+    # an editable install: no kdengine/configs copy, the checkout's configs/ beside the package
+    assert packaged_config("demo.yaml", str(pkg)) == str(tmp_path / "site" / "configs" / "demo.yaml")
+    (pkg / "configs" / "demo.yaml").write_text("run: {}\n")  # an installed copy wins
+    assert packaged_config("demo.yaml", str(pkg)) == str(pkg / "configs" / "demo.yaml")
 
 
 def test_rows_and_budgets():
