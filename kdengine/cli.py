@@ -167,9 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bad input to these commands (a value, a file, a line) is reported in one line, exit code 2; the
+# messages name the value and what was expected. train and demo report their ConfigError the same way.
+USER_ERRORS = {"data": (ValueError, FileNotFoundError), "eval": (ValueError, FileNotFoundError)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS.get(args.command, ()) as err:
+        print(f"kdengine {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

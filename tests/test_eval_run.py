@@ -260,6 +260,14 @@ def test_eval_input_errors_come_before_loading(synth, student_dir, tmp_path):
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_eval_cli_reports_bad_input_in_one_line(synth, tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "nowhere"), "--questions", synth["eval_questions"],
+                 "--out", str(tmp_path / "a.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdengine eval: error: model checkpoint") and "no config.json" in err
+    assert "Traceback" not in err and not (tmp_path / "a.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- diagnostics
 
 

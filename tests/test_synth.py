@@ -188,6 +188,8 @@ def test_cli_data_synth(tmp_path, capsys):
         assert (tmp_path / "cli" / f).read_bytes() == (tmp_path / "api" / f).read_bytes()
     with pytest.raises(SystemExit):
         main(["data", "synth", "--seed", "1"])  # --out is required
+    assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--questions", "hard"]) == 2
+    assert "kdengine data: error: questions='hard': expected one of ['basic', 'mixed']" in capsys.readouterr().err
 
 
 def test_argument_errors(tmp_path):
