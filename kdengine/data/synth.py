@@ -166,15 +166,26 @@ def q_color(rng, shapes):
     return f"What color is the {s.kind}? {SHORT}", s.color, "exact"
 
 
+def _how_many(shapes, color: str | None = None) -> tuple[str, int]:
+    """("How many ...?", count) over every shape, or over the shapes of ``color``."""
+    if color is None:
+        return "How many shapes are in the image?", len(shapes)
+    return f"How many {color} shapes are there?", sum(s.color == color for s in shapes)
+
+
+def _lettered(question: str, options: list, right) -> tuple[str, str, str]:
+    """A multiple-choice question: options lettered A, B, ... one per line, in the given order."""
+    lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{lines}\n{MC_SUFFIX}", "ABCD"[options.index(right)], "mc"
+
+
 def q_count(rng, shapes):
     mode = rng.randrange(3)
-    if mode == 0:
-        return f"How many shapes are in the image? {SHORT}", str(len(shapes)), "exact"
     if mode == 1:
         kind = rng.choice(SHAPES)
         return f"How many {kind}s are there? {SHORT}", str(sum(s.kind == kind for s in shapes)), "exact"
-    color = rng.choice(sorted(COLORS))
-    return f"How many {color} shapes are there? {SHORT}", str(sum(s.color == color for s in shapes)), "exact"
+    question, n = _how_many(shapes, None if mode == 0 else rng.choice(sorted(COLORS)))
+    return f"{question} {SHORT}", str(n), "exact"
 
 
 def q_presence(rng, shapes):
@@ -221,17 +232,19 @@ def q_choice(rng, shapes):
         options, question = rng.sample(others, 3) + [s.color], f"What color is the {s.kind}?"
         right = s.color
     rng.shuffle(options)
-    letters = "ABCD"
-    lines = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{lines}\n{MC_SUFFIX}", letters[options.index(right)], "mc"
+    return _lettered(question, options, right)
+
+
+def _random_count(rng, shapes) -> tuple[str, int, bool]:
+    """Half of the time a count of every shape, else of a random colour's: (question, count, by colour)."""
+    color = None if rng.random() < 0.5 else rng.choice(sorted(COLORS))
+    return (*_how_many(shapes, color), color is not None)
 
 
 def q_count_total(rng, shapes):
     """Exact count of every shape, or of the shapes of one colour."""
-    if rng.random() < 0.5:
-        return f"How many shapes are in the image? {SHORT}", str(len(shapes)), "exact"
-    color = rng.choice(sorted(COLORS))
-    return f"How many {color} shapes are there? {SHORT}", str(sum(s.color == color for s in shapes)), "exact"
+    question, n, _ = _random_count(rng, shapes)
+    return f"{question} {SHORT}", str(n), "exact"
 
 
 def q_color_presence(rng, shapes):
@@ -252,15 +265,9 @@ def q_count_check(rng, shapes):
 
 def q_count_choice(rng, shapes):
     """Lettered multiple choice on a count; the options are the numbers in ascending order."""
-    if rng.random() < 0.5:
-        question, right, options = "How many shapes are in the image?", len(shapes), [1, 2, 3, 4]
-    else:
-        color = rng.choice(sorted(COLORS))
-        question, right, options = f"How many {color} shapes are there?", sum(s.color == color for s in shapes), [0, 1, 2, 3]
-    if right not in options:
-        return None
-    lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{lines}\n{MC_SUFFIX}", "ABCD"[options.index(right)], "mc"
+    question, n, by_color = _random_count(rng, shapes)
+    options = [0, 1, 2, 3] if by_color else [1, 2, 3, 4]
+    return _lettered(question, options, n) if n in options else None
 
 
 # Question sets: each maker is drawn with equal probability.
