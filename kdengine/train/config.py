@@ -361,7 +361,12 @@ def _build(cls: type, data: Any, where: str, base: Any = None) -> Any:
             kwargs[name] = getattr(base, name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key {key!r} is missing; expected {_type_name(hints[name])}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own __post_init__ check: name the config section
+        raise ConfigError(f"{label}.{e}") from None
 
 
 def _stage_defaults(data: dict, where: str) -> dict:
