@@ -287,11 +287,11 @@ def test_loss_decreases_on_a_fixed_batch(one_rank, data_dir, kind, zero, lr, min
 
     from kdengine.data import LlavaCollator
     from kdengine.model import num_image_tokens, set_trainable
+    from kdengine.train.batches import StepPlan, build_stage_dataset
     from kdengine.train.config import DatasetConfig, EngineConfig, StageConfig
-    from kdengine.train.data import StepPlan, build_stage_dataset
-    from kdengine.train.models import Teacher
-    from kdengine.train.objective import StudentObjective
+    from kdengine.train.stage_models import Teacher
     from kdengine.train.stages import build_engine, train_step
+    from kdengine.train.student_module import StudentObjective
 
     teacher_model, _ = build_model(spec(data_dir, TEACHER))
     teacher_model.requires_grad_(False)

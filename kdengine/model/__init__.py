@@ -1,4 +1,4 @@
-"""LLaVA model assembly: build, freeze, and hidden-state forward for distillation."""
+"""LLaVA model assembly: build, choose trainable components, and hidden-state forward for distillation."""
 
 from kdengine.model.build import (
     TINY_STUDENT,
@@ -26,10 +26,8 @@ from kdengine.model.freeze import (
     COMPONENTS,
     component_modules,
     format_param_summary,
-    freeze,
     param_summary,
     set_trainable,
-    unfreeze,
 )
 
 __all__ = [
@@ -48,7 +46,6 @@ __all__ = [
     "compose_llava",
     "distill_forward",
     "format_param_summary",
-    "freeze",
     "load_llava",
     "num_image_tokens",
     "param_summary",
@@ -56,6 +53,5 @@ __all__ = [
     "same_vision_tower",
     "set_trainable",
     "tiny_spec",
-    "unfreeze",
     "vision_features",
 ]

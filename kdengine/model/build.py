@@ -107,7 +107,7 @@ TINY_TEACHER = TinySpec(text_hidden=128, text_layers=4, text_heads=4, text_kv_he
 
 @dataclass
 class ModelSpec:
-    """Where a model comes from and how it runs; YAML-friendly (`ModelSpec.from_dict`).
+    """Where a model comes from and how it runs (the ``models`` section of a training config).
 
     source: "llava" (``path``), "composed" (``vision_tower`` + ``language_model``) or
     "tiny" (``tokenizer`` + ``tiny``). device/dtype/attn_implementation None -> `resolve_runtime`.
@@ -124,16 +124,6 @@ class ModelSpec:
     device: str | None = None
     dtype: str | None = None
     attn_implementation: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        """Spec from a plain dict (e.g. parsed YAML); unknown keys are a ValueError."""
-        _check_keys(d, cls, "model spec")
-        d = dict(d)
-        if isinstance(d.get("tiny"), dict):
-            _check_keys(d["tiny"], TinySpec, "model spec 'tiny'")
-            d["tiny"] = TinySpec(**d["tiny"])
-        return cls(**d)
 
     def validate(self) -> None:
         """Raise ValueError if the fields needed by ``source`` are missing."""
@@ -153,13 +143,6 @@ def tiny_spec(role: Literal["teacher", "student"], tokenizer: str, **overrides: 
     if role not in sizes:
         raise ValueError(f"tiny role={role!r}; expected 'teacher' or 'student'")
     return ModelSpec(source="tiny", tokenizer=tokenizer, tiny=dataclasses.replace(sizes[role]), **overrides)
-
-
-def _check_keys(d: dict[str, Any], cls: type, what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}; expected a subset of {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- runtime

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from kdengine.losses.checks import IGNORE_INDEX
+from kdengine.model.build import num_image_tokens
+
 __all__ = [
     "DistillOutputs",
     "check_compatible",
@@ -20,7 +23,6 @@ __all__ = [
     "vision_features",
 ]
 
-IGNORE_INDEX = -100
 # Text encoded by both tokenizers in `check_tokenizers` to catch normalizer/pre-tokenizer
 # differences that an equal vocabulary would hide.
 _PROBE_TEXT = "Hello, World! 12 + 3.5 = 15.5\n\tcafé ÉCOLE   naïve <image> 你好 🙂 don't"
@@ -35,7 +37,6 @@ class DistillOutputs:
     visual_mask:        Bool[B, L]      image-token positions (the state there predicts token i+1).
     response_mask:      Bool[B, L]      response_mask[:, i] = labels[:, i+1] != -100; last column False.
     next_labels:        Long[B, L]      labels shifted left by one, -100 in the last column.
-    image_token_counts: Long[B]         image tokens per sample.
     """
 
     hidden: torch.Tensor
@@ -43,7 +44,6 @@ class DistillOutputs:
     visual_mask: torch.Tensor
     response_mask: torch.Tensor
     next_labels: torch.Tensor
-    image_token_counts: torch.Tensor
 
 
 def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -103,13 +103,12 @@ def distill_forward(
             f"batch visual_mask ({int(given.sum())} positions) != input_ids == image_token_id "
             f"{model.config.image_token_id} ({int(visual_mask.sum())} positions)"
         )
-    image_token_counts = visual_mask.sum(dim=1)
 
     embeds = model.get_input_embeddings()(input_ids)
     pixel_values = batch.get("pixel_values")
     if vision_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
         vision_features = _vision_features(model, pixel_values)
-    n_tokens = int(image_token_counts.sum())
+    n_tokens = int(visual_mask.sum())
     if vision_features is not None:
         d_in = model.model.multi_modal_projector.linear_1.in_features
         if vision_features.dim() != 3 or vision_features.shape[-1] != d_in:
@@ -136,7 +135,6 @@ def distill_forward(
         visual_mask=visual_mask,
         response_mask=next_labels != IGNORE_INDEX,
         next_labels=next_labels,
-        image_token_counts=image_token_counts,
     )
 
 
@@ -208,19 +206,29 @@ def check_compatible(
     teacher_processor,
     student: LlavaForConditionalGeneration,
     student_processor,
+    teacher_lm_head_weight: torch.Tensor | None = None,
 ) -> None:
-    """`check_tokenizers` plus model-side agreement: same image token id and every tokenizer id
-    has an lm_head row in both models. Different row counts (padded vocab, V != Vt) are allowed."""
+    """`check_tokenizers` plus model-side agreement: the same image token id and image tokens per
+    image (the visual positions line up), and every tokenizer id has an lm_head row in both models.
+    Different row counts (padded vocab, V != Vt) are allowed. ``teacher_lm_head_weight``: the
+    teacher's full Float[Vt, D] head when its parameters are partitioned (ZeRO-3 inference)."""
     check_tokenizers(teacher_processor, student_processor)
     if teacher.config.image_token_id != student.config.image_token_id:
         raise ValueError(
             f"image_token_id differs: teacher {teacher.config.image_token_id}, student {student.config.image_token_id}"
         )
+    n_t, n_s = num_image_tokens(teacher), num_image_tokens(student)
+    if n_t != n_s:
+        raise ValueError(f"teacher uses {n_t} tokens per image, the student {n_s}; "
+                         f"expected equal (the visual positions must line up)")
     n = len(getattr(student_processor, "tokenizer", student_processor))
-    for role, model in (("teacher", teacher), ("student", student)):
-        rows = model.get_output_embeddings().weight.shape[0]
-        if rows < n:
-            raise ValueError(f"{role} lm_head has {rows} rows but the tokenizer has {n} tokens; expected rows >= {n}")
+    if teacher_lm_head_weight is None:
+        teacher_lm_head_weight = teacher.get_output_embeddings().weight
+    heads = (("teacher", teacher_lm_head_weight), ("student", student.get_output_embeddings().weight))
+    for role, weight in heads:
+        if weight.shape[0] < n:
+            raise ValueError(f"{role} lm_head has {weight.shape[0]} rows but the tokenizer has {n} tokens; "
+                             f"expected rows >= {n}")
 
 
 def _check_llava(model) -> None:

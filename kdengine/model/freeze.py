@@ -1,4 +1,4 @@
-"""Freeze / unfreeze a LLaVA model by component and count trainable parameters.
+"""Choose the trainable components of a LLaVA model and count (trainable) parameters.
 
 Components: "vision_tower", "projector", "language_model" (the decoder plus lm_head; a tied
 lm_head shares the embedding Parameter and is counted once).
@@ -15,10 +15,8 @@ __all__ = [
     "COMPONENTS",
     "component_modules",
     "format_param_summary",
-    "freeze",
     "param_summary",
     "set_trainable",
-    "unfreeze",
 ]
 
 COMPONENTS = ("vision_tower", "projector", "language_model")
@@ -44,29 +42,14 @@ def _names(components: Iterable[str]) -> list[str]:
     return components
 
 
-def _set(model: LlavaForConditionalGeneration, components: Iterable[str], flag: bool) -> None:
-    parts = component_modules(model)
-    for name in _names(components):
-        for module in parts[name]:
-            module.requires_grad_(flag)
-
-
-def freeze(model: LlavaForConditionalGeneration, components: Iterable[str] | str) -> None:
-    """Set requires_grad=False on every parameter of the named components."""
-    _set(model, components, False)
-
-
-def unfreeze(model: LlavaForConditionalGeneration, components: Iterable[str] | str) -> None:
-    """Set requires_grad=True on every parameter of the named components."""
-    _set(model, components, True)
-
-
 def set_trainable(model: LlavaForConditionalGeneration, components: Iterable[str] | str) -> None:
     """Make exactly the named components trainable and freeze the rest
     (e.g. ("projector",) for LLaVA pre-training, ("projector", "language_model") for fine-tuning)."""
     train = set(_names(components))
-    _set(model, [c for c in COMPONENTS if c not in train], False)
-    _set(model, train, True)
+    parts = component_modules(model)
+    for name in sorted(parts, key=lambda c: c in train):  # frozen ones first: a shared Parameter ends trainable
+        for module in parts[name]:
+            module.requires_grad_(name in train)
 
 
 def param_summary(model: LlavaForConditionalGeneration) -> dict[str, dict[str, int]]:

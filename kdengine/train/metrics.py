@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from kdengine.losses.checks import LOSS_TERMS
+
 __all__ = ["MetricsLog", "Progress", "format_summary", "peak_memory_mb"]
 
 
@@ -72,7 +74,7 @@ class Progress:
         if record is None:
             self.bar.update(n)
             return
-        terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "ce", "res", "vis", "rel") if k in record)
+        terms = " ".join(f"{k} {record[k]:.4g}" for k in LOSS_TERMS if k in record)
         rate = f"{record['tokens_per_s']:,.0f} tok/s"
         self.bar.set_postfix_str(f"{terms} | {rate} | lr {record['lr']:.2e}", refresh=False)
         self.bar.update(n)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["plot_stage"]
+from kdengine.losses.checks import LOSS_TERMS
 
-TERMS = ("loss", "ce", "res", "vis", "rel")
+__all__ = ["plot_stage"]
 
 
 def plot_stage(records: list[dict], out_png: str, title: str) -> str | None:
@@ -21,7 +21,7 @@ def plot_stage(records: list[dict], out_png: str, title: str) -> str | None:
         return "matplotlib is not installed (pip install 'kdengine[plot]'): loss curves skipped"
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
-    for term in TERMS:
+    for term in LOSS_TERMS:
         if term in records[0]:
             ax.plot(steps, [r[term] for r in records], label=term, linewidth=2 if term == "loss" else 1)
     ax.set_xlabel("optimizer step")

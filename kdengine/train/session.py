@@ -1,22 +1,23 @@
 """A training run's state across stages: process group, run directory, metrics log, the teacher
-cache and where each model's latest weights are."""
+cache and where each model's latest weights are; opening it writes the synthetic data if missing."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import yaml
 
+from kdengine.data import synthesize
 from kdengine.train.checkpoint import finished_stage, latest_checkpoint
-from kdengine.train.config import TrainConfig
-from kdengine.train.data import ensure_synth
+from kdengine.train.config import SynthConfig, TrainConfig
 from kdengine.train.dist import DistInfo, barrier, init_distributed
 from kdengine.train.metrics import MetricsLog
-from kdengine.train.models import TeacherCache
+from kdengine.train.stage_models import TeacherCache
 
-__all__ = ["Session", "check_run_dir", "close_session", "open_session"]
+__all__ = ["Session", "check_run_dir", "close_session", "ensure_synth", "open_session"]
 
 
 @dataclass
@@ -66,6 +67,24 @@ def open_session(cfg: TrainConfig, resume: bool) -> Session:
     ensure_synth(cfg.synth, dist)
     log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), enabled=dist.is_main)
     return Session(cfg=cfg, dist=dist, resume=resume, log=log)
+
+
+def ensure_synth(synth: SynthConfig | None, dist: DistInfo) -> None:
+    """Write the synthetic dataset to ``synth.out`` if its meta.json is missing (rank 0, atomic)."""
+    if synth is None or os.path.isfile(os.path.join(synth.out, "meta.json")):
+        return
+    if dist.is_main:
+        tmp = synth.out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"synthesizing data into {synth.out}", flush=True)
+        synthesize(
+            tmp, seed=synth.seed, n_caption=synth.n_caption, n_instruct=synth.n_instruct, n_eval=synth.n_eval,
+            image_size=synth.image_size, vocab_size=synth.vocab_size, questions=synth.questions,
+        )
+        if os.path.isdir(synth.out):  # a folder without meta.json: an interrupted write, replace it
+            shutil.rmtree(synth.out)
+        os.replace(tmp, synth.out)
+    barrier()
 
 
 def close_session(session: Session) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from kdengine.data import LlavaCollator
-from kdengine.model import check_tokenizers, format_param_summary, num_image_tokens, param_summary
+from kdengine.losses.checks import LOSS_TERMS
+from kdengine.model import check_compatible, format_param_summary, num_image_tokens, param_summary
 from kdengine.model import same_vision_tower, set_trainable
 from kdengine.train.checkpoint import (
     finished_stage,
@@ -30,11 +31,11 @@ from kdengine.train.checkpoint import (
     save_stage_model,
 )
 from kdengine.train.config import EngineConfig, StageConfig, read_deepspeed_json, zero_stage
-from kdengine.train.data import StepPlan, build_stage_dataset, micro_batches
+from kdengine.train.batches import StepPlan, build_stage_dataset, micro_batches
 from kdengine.train.dist import DistInfo, all_reduce
 from kdengine.train.metrics import Progress, peak_memory_mb
-from kdengine.train.models import Teacher, apply_patches, load_model
-from kdengine.train.objective import StudentObjective, teacher_outputs
+from kdengine.train.stage_models import Teacher, apply_patches, load_model
+from kdengine.train.student_module import StudentObjective, teacher_outputs
 from kdengine.train.optim import WarmupCosine, build_optimizer
 from kdengine.train.plots import plot_stage
 from kdengine.train.session import Session
@@ -42,7 +43,6 @@ from kdengine.train.session import Session
 __all__ = ["StageParts", "build_engine", "build_stage", "deepspeed_config", "run_stage", "train_step"]
 
 KILL_ENV = "KDENGINE_KILL_AFTER_STEPS"  # fault injection for tests: SIGKILL after this many optimizer steps
-TERMS = ("loss", "ce", "res", "vis", "rel")
 
 
 @dataclass
@@ -60,32 +60,32 @@ class StageParts:
     patches: list[str]
 
 
-def run_stage(s: Session, index: int, stage: StageConfig) -> dict:
+def run_stage(session: Session, index: int, stage: StageConfig) -> dict:
     """Run (or, when resuming, skip or continue) one stage; returns its summary row."""
-    stage_dir = s.stage_dir(stage.name)
+    stage_dir = session.stage_dir(stage.name)
     done = finished_stage(stage_dir)
     if done is not None:  # only with --resume (the run directory is checked when the session opens)
-        return _skip(s, stage, done)
+        return _skip(session, stage, done)
     t0 = time.time()
-    parts = build_stage(s, index, stage)
-    start, elapsed, ckpt = _restore(s, stage, parts)
-    s.log.truncate(stage.name, start)
-    if s.dist.is_main:
-        _print_header(stage, parts, s.dist, ckpt)
-    last = _train_loop(s, stage, parts, start, t0 - elapsed)
-    return _finish(s, stage, parts, last, elapsed + time.time() - t0)
+    parts = build_stage(session, index, stage)
+    start, elapsed, ckpt = _restore(session, stage, parts)
+    session.log.truncate(stage.name, start)
+    if session.dist.is_main:
+        _print_header(stage, parts, session.dist, ckpt)
+    last = _train_loop(session, stage, parts, start, t0 - elapsed)
+    return _finish(session, stage, parts, last, elapsed + time.time() - t0)
 
 
-def build_stage(s: Session, index: int, stage: StageConfig) -> StageParts:
+def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
     """Student (from its previous stage), teacher, data and the DeepSpeed engine of a stage."""
-    cfg, dist = s.cfg, s.dist
+    cfg, dist = session.cfg, session.dist
     torch.manual_seed(cfg.run.seed + index)
-    model, processor = load_model(cfg.models[stage.model], s.latest.get(stage.model), dist.device)
+    model, processor = load_model(cfg.models[stage.model], session.latest.get(stage.model), dist.device)
     set_trainable(model, stage.trainable)
     patches = apply_patches(model, cfg.engine, dist.device)
     model.train()
     n_img = num_image_tokens(model)
-    teacher, share = _teacher(s, stage, model, processor, n_img) if stage.distills else (None, False)
+    teacher, share = _teacher(session, stage, model, processor) if stage.distills else (None, False)
     dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
     collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
     plan = StepPlan.build(dataset, stage, dist, seed=cfg.run.seed + 1000 * index)
@@ -94,21 +94,21 @@ def build_stage(s: Session, index: int, stage: StageConfig) -> StageParts:
     return StageParts(model, processor, teacher, share, dataset, collator, plan, engine, patches)
 
 
-def _skip(s: Session, stage: StageConfig, done: dict) -> dict:
-    stage_dir = s.stage_dir(stage.name)
-    remove_checkpoints(stage_dir, s.dist)  # left over if a kill came between the save and the cleanup
-    s.latest[stage.model] = model_dir(stage_dir)
-    _release_if_stale(s, stage)
+def _skip(session: Session, stage: StageConfig, done: dict) -> dict:
+    stage_dir = session.stage_dir(stage.name)
+    remove_checkpoints(stage_dir, session.dist)  # left over if a kill came between the save and the cleanup
+    session.latest[stage.model] = model_dir(stage_dir)
+    _release_if_stale(session, stage)
     return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": model_dir(stage_dir),
             "steps": done["steps"], "seconds": done["seconds"], "loss": done.get("loss"), "skipped": True}
 
 
-def _restore(s: Session, stage: StageConfig, parts: StageParts) -> tuple[int, float, str | None]:
+def _restore(session: Session, stage: StageConfig, parts: StageParts) -> tuple[int, float, str | None]:
     """With --resume: (steps done, seconds spent, checkpoint) from the stage's last complete checkpoint."""
-    ckpt = latest_checkpoint(s.stage_dir(stage.name)) if s.resume else None
+    ckpt = latest_checkpoint(session.stage_dir(stage.name)) if session.resume else None
     if ckpt is None:
         return 0, 0.0, None
-    meta = load_checkpoint(parts.engine, ckpt, s.dist)
+    meta = load_checkpoint(parts.engine, ckpt, session.dist)
     if meta.get("stage") != stage.name or meta.get("total_steps") != parts.plan.total_steps:
         raise ValueError(
             f"{ckpt}: written for stage {meta.get('stage')!r} with {meta.get('total_steps')} steps, "
@@ -117,58 +117,51 @@ def _restore(s: Session, stage: StageConfig, parts: StageParts) -> tuple[int, fl
     return meta["step"], meta.get("seconds", 0.0), ckpt
 
 
-def _finish(s: Session, stage: StageConfig, parts: StageParts, last: float | None, seconds: float) -> dict:
+def _finish(session: Session, stage: StageConfig, parts: StageParts, last: float | None, seconds: float) -> dict:
     """Save the Hugging Face directory, drop the mid-stage checkpoints, plot the loss curve."""
-    stage_dir = s.stage_dir(stage.name)
+    stage_dir = session.stage_dir(stage.name)
     info = {"stage": stage.name, "kind": stage.kind, "model": stage.model, "steps": parts.plan.total_steps,
             "seconds": seconds, "loss": last, "trainable": stage.trainable}
-    path = save_stage_model(parts.model, parts.processor, stage_dir, info, s.dist, zero3=zero_stage(s.cfg.engine) == 3)
-    remove_checkpoints(stage_dir, s.dist)
-    s.latest[stage.model] = path
-    if s.dist.is_main:
+    zero3 = zero_stage(session.cfg.engine) == 3
+    path = save_stage_model(parts.model, parts.processor, stage_dir, info, session.dist, zero3=zero3)
+    remove_checkpoints(stage_dir, session.dist)
+    session.latest[stage.model] = path
+    if session.dist.is_main:
         png = os.path.join(stage_dir, "loss.png")
-        note = plot_stage(s.log.records(stage.name), png, f"{stage.name} ({stage.kind})")
+        note = plot_stage(session.log.records(stage.name), png, f"{stage.name} ({stage.kind})")
         if note:
             print(note, flush=True)
     parts.engine = parts.model = None
     gc.collect()
-    _release_if_stale(s, stage)
+    _release_if_stale(session, stage)
     return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": path,
             "steps": parts.plan.total_steps, "seconds": seconds, "loss": last}
 
 
-def _teacher(s: Session, stage: StageConfig, model, processor, n_img: int) -> tuple[Teacher, bool]:
-    cfg, dist = s.cfg, s.dist
-    init = s.latest.get(stage.teacher)
-    teacher = s.teachers.get((stage.teacher, init), cfg.models[stage.teacher], init, dist.device,
-                             cfg.engine.shard_teacher)
-    check_tokenizers(teacher.processor, processor)
-    if teacher.model.config.image_token_id != model.config.image_token_id:
-        raise ValueError(f"image_token_id differs: teacher {teacher.model.config.image_token_id}, "
-                         f"student {model.config.image_token_id}")
-    n_tok, rows = len(processor.tokenizer), teacher.lm_head_weight.shape[0]
-    if rows < n_tok:
-        raise ValueError(f"teacher lm_head has {rows} rows but the tokenizer has {n_tok} tokens; expected >= {n_tok}")
-    if num_image_tokens(teacher.model) != n_img:
-        raise ValueError(f"teacher uses {num_image_tokens(teacher.model)} tokens per image, the student {n_img}; "
-                         f"expected equal (the visual positions must line up)")
+def _teacher(session: Session, stage: StageConfig, model, processor) -> tuple[Teacher, bool]:
+    """The stage's frozen teacher (checked against the student) and whether both share tower features."""
+    cfg, dist = session.cfg, session.dist
+    init = session.latest.get(stage.teacher)
+    teacher = session.teachers.get((stage.teacher, init), cfg.models[stage.teacher], init, dist.device,
+                                   cfg.engine.shard_teacher)
+    check_compatible(teacher.model, teacher.processor, model, processor, teacher_lm_head_weight=teacher.lm_head_weight)
     share = (not teacher.sharded and "vision_tower" not in stage.trainable
              and same_vision_tower(teacher.model, model))
     return teacher, share
 
 
-def _release_if_stale(s: Session, stage: StageConfig) -> None:
+def _release_if_stale(session: Session, stage: StageConfig) -> None:
     """Drop the cached teacher once no later stage distills from it with the same weights."""
-    key = s.teachers.key
+    key = session.teachers.key
     if key is None:
         return
-    later = s.cfg.stages[s.cfg.stages.index(stage) + 1:]
+    later = session.cfg.stages[session.cfg.stages.index(stage) + 1:]
     for st in later:
         if st.model == key[0]:
             break  # the teacher model is trained again first: its weights change
         if st.distills and st.teacher == key[0]:
             return
-    s.teachers.release()
+    session.teachers.release()
 
 
 def deepspeed_config(stage: StageConfig, plan: StepPlan, engine: EngineConfig, dist: DistInfo) -> dict:
@@ -234,9 +227,9 @@ def _grad_norm(engine) -> torch.Tensor | None:
     return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
-def _train_loop(s: Session, stage: StageConfig, parts: StageParts, start: int, t0: float) -> float | None:
+def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: int, t0: float) -> float | None:
     """Optimizer steps ``start`` .. total: log, checkpoint every K steps; returns the last logged loss."""
-    cfg, dist, plan, engine = s.cfg, s.dist, parts.plan, parts.engine
+    cfg, dist, plan, engine = session.cfg, session.dist, parts.plan, parts.engine
     kill_after = int(os.environ.get(KILL_ENV, "0"))
     progress = Progress(stage.name, plan.total_steps, start, dist.is_main)
     last = None
@@ -252,15 +245,15 @@ def _train_loop(s: Session, stage: StageConfig, parts: StageParts, start: int, t
                 record = None
                 if step % cfg.run.log_every == 0 or step == plan.total_steps:
                     record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, time.perf_counter() - t, dist)
-                    s.log.write(record)
+                    session.log.write(record)
                     last = record["loss"]
                 progress.update(record, 1)
                 if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step < plan.total_steps:
                     state = {"stage": stage.name, "step": step, "total_steps": plan.total_steps,
                              "seconds": time.time() - t0}
-                    save_checkpoint(engine, s.stage_dir(stage.name), step, state, dist, cfg.run.keep_checkpoints)
-                s.steps_done += 1
-                if kill_after and s.steps_done >= kill_after:
+                    save_checkpoint(engine, session.stage_dir(stage.name), step, state, dist, cfg.run.keep_checkpoints)
+                session.steps_done += 1
+                if kill_after and session.steps_done >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         progress.close()
@@ -269,7 +262,7 @@ def _train_loop(s: Session, stage: StageConfig, parts: StageParts, start: int, t
 
 def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist) -> dict:
     """Metrics of one step, averaged (terms) or summed (tokens) over ranks."""
-    names = [k for k in TERMS if k in terms]
+    names = [k for k in LOSS_TERMS if k in terms]
     vec = torch.stack([terms[k].float().to(dist.device) for k in names]
                       + [torch.tensor(float(tokens), device=dist.device)])
     vec = all_reduce(vec).cpu()

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from kdengine.losses import DistillSettings, LossWeights, llava_kd_loss
+from kdengine.losses.checks import LOSS_TERMS
 from kdengine.model import DistillOutputs, distill_forward, vision_features
-from kdengine.train.models import Teacher
+from kdengine.train.stage_models import Teacher
 
 __all__ = ["StudentObjective", "teacher_outputs"]
 
@@ -44,9 +45,11 @@ class StudentObjective(nn.Module):
         return loss, terms
 
     def term_names(self, with_teacher: bool) -> tuple[str, ...]:
+        """The terms `llava_kd_loss` returns for this stage: all of LOSS_TERMS, less the distilled
+        ones without a teacher and ``rel`` when its weight is 0."""
         if not with_teacher or not self.weights.distills:
-            return ("ce", "loss")
-        return ("ce", "res", "vis", "rel", "loss") if self.weights.rel != 0 else ("ce", "res", "vis", "loss")
+            return ("loss", "ce")
+        return tuple(k for k in LOSS_TERMS if k != "rel" or self.weights.rel != 0)
 
     def register_zero3_external(self) -> None:
         """Under ZeRO-3: gather lm_head.weight for this module's forward (the losses read it directly)."""

@@ -1,5 +1,4 @@
-"""Stage data: the synthetic dataset when missing, the stage's dataset, and which samples every
-rank reads at every optimizer step.
+"""A stage's batches: its dataset, and which samples every rank reads at every optimizer step.
 
 A global batch of ``batch_size`` samples per optimizer step comes from
 `LengthGroupedBatchSampler` (seeded, length grouped, the last partial batch dropped). Rank r
@@ -11,36 +10,16 @@ resuming at step s re-derives it and skips nothing but index lists.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
-from kdengine.data import LengthGroupedBatchSampler, LlavaCollator, LlavaDataset, build_dataset, synthesize
-from kdengine.train.config import DatasetConfig, StageConfig, SynthConfig
-from kdengine.train.dist import DistInfo, barrier
+from kdengine.data import LengthGroupedBatchSampler, LlavaCollator, LlavaDataset, build_dataset
+from kdengine.train.config import DatasetConfig, StageConfig
+from kdengine.train.dist import DistInfo
 
-__all__ = ["StepPlan", "build_stage_dataset", "ensure_synth", "micro_batches"]
-
-
-def ensure_synth(synth: SynthConfig | None, dist: DistInfo) -> None:
-    """Write the synthetic dataset to ``synth.out`` if its meta.json is missing (rank 0, atomic)."""
-    if synth is None or os.path.isfile(os.path.join(synth.out, "meta.json")):
-        return
-    if dist.is_main:
-        tmp = synth.out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"synthesizing data into {synth.out}", flush=True)
-        synthesize(
-            tmp, seed=synth.seed, n_caption=synth.n_caption, n_instruct=synth.n_instruct, n_eval=synth.n_eval,
-            image_size=synth.image_size, vocab_size=synth.vocab_size, questions=synth.questions,
-        )
-        if os.path.isdir(synth.out):  # a folder without meta.json: an interrupted write, replace it
-            shutil.rmtree(synth.out)
-        os.replace(tmp, synth.out)
-    barrier()
+__all__ = ["StepPlan", "build_stage_dataset", "micro_batches"]
 
 
 def build_stage_dataset(ds: DatasetConfig, processor, num_image_tokens: int, verbose: bool) -> LlavaDataset:
