@@ -19,19 +19,25 @@ returns wrong tl.dot results for bf16 operands (fp16/fp32 are exact).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR
-from kdengine.losses.fused_linear_divergence import finish_rows, row_coefficients
+from kdengine.kernels import interpreting
+from kdengine.kernels.divergence_terms import _div_terms, _online
+from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # 0 fkl, 1 rkl, 2 jsd, 3 skew_fkl, 4 skew_rkl, 5 tvd
-# block sizes: GPU defaults, and small blocks under the CPU interpreter (its cost is per program)
-BN, BV, BD = (16, 32, 16) if INTERPRET else (64, 128, 64)
+
+
+def _blocks() -> tuple[int, int, int]:
+    """(BN, BV, BD): GPU defaults, and small blocks under the CPU interpreter (its cost is per program)."""
+    return (16, 32, 16) if interpreting() else (64, 128, 64)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """bf16 tiles are upcast before tl.dot under the interpreter (Triton 3.9 gets bf16 dots wrong there)."""
+    return interpreting() and dtype == torch.bfloat16
 CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)
 # fp32 inputs use exact fp32 products ("ieee"), not tf32: logits feed exp() and a 1e-3 relative
 # error there is visible in the loss. bf16/fp16 tiles run on tensor cores with fp32 accumulation.
@@ -52,53 +58,6 @@ def _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, BD: tl.c
             b_w = b_w.to(tl.float32)
         acc += tl.dot(b_x, tl.trans(b_w), input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _online(m, l, z):
-    """Online log-sum-exp update of running max m and sum l [BN] with a tile z [BN, BV] (may hold -inf)."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - m_safe)
-    e = tl.exp(z - m_safe[:, None])
-    return m_new, l * scale + tl.sum(e, axis=1), scale, e, m_safe
-
-
-@triton.jit
-def _div_terms(s, t, beta, LOG_FLOOR: tl.constexpr, DIV: tl.constexpr):
-    """Elementwise loss terms and gradient factor h (see kdengine/losses/divergences.py)."""
-    p_s = tl.exp(s)
-    p_t = tl.exp(t)
-    t_floor = tl.maximum(t, LOG_FLOOR)
-    if DIV == 0:
-        elem = tl.where(p_t > 0, p_t * (t_floor - s), 0.0)
-        h = p_s  # unused: forward_kl has dL/dz = p_s - p_t
-    elif DIV == 1:
-        h = s - t_floor
-        elem = p_s * h
-    elif DIV == 5:
-        elem = 0.5 * tl.abs(p_t - p_s)
-        h = tl.where(p_s > p_t, 0.5, tl.where(p_s < p_t, -0.5, 0.0))
-    else:
-        if DIV == 4:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
-            a = s + tl.log(beta)
-            b = t + tl.log(1.0 - beta)
-        else:  # jsd, skew_forward_kl: m = beta p_t + (1 - beta) p_s
-            a = t + tl.log(beta)
-            b = s + tl.log(1.0 - beta)
-        mx = tl.maximum(a, b)
-        log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
-        if DIV == 2:
-            elem = beta * tl.where(p_t > 0, p_t * (t - log_m), 0.0) + (1.0 - beta) * p_s * (s - log_m)
-            h = (1.0 - beta) * (s - log_m)
-        elif DIV == 3:
-            elem = tl.where(p_t > 0, p_t * (t - log_m), 0.0)
-            h = -(1.0 - beta) * tl.exp(t - log_m)
-        else:
-            ratio = s - log_m
-            elem = p_s * ratio
-            h = ratio - beta * tl.exp(ratio)
-    return elem, h
 
 
 @triton.jit
@@ -253,13 +212,14 @@ def fld_forward_stats(xs, ws, xt, wt, labels, inv_t, fkl, separate_ce):
     vtot = v if labels is not None else vc
     out = [torch.zeros(n, device=xs.device, dtype=torch.float32) for _ in range(5)]
     lab = labels.contiguous() if labels is not None else out[0]
+    BN, BV, BD = _blocks()
     grid = (triton.cdiv(n, BN),)
     if n > 0:
         _fld_fwd_kernel[grid](
             xs, ws, xt, wt, lab, *out, n, v, vc, vtot, xs.shape[1], xt.shape[1], inv_t,
             xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
             HAS_LABELS=labels is not None, SEPARATE_CE=separate_ce, FKL=fkl,
-            UPCAST=INTERPRET and xs.dtype == torch.bfloat16, BN=BN, BV=BV, BD=BD,
+            UPCAST=_upcast(xs.dtype), BN=BN, BV=BV, BD=BD,
         )
     return out
 
@@ -270,11 +230,12 @@ def fld_divergence_rows(xs, ws, xt, wt, lse_s, lse_t, inv_t, divergence, beta):
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
     rows = torch.zeros(n, device=xs.device, dtype=torch.float32)
     c = torch.zeros_like(rows)
+    BN, BV, BD = _blocks()
     if n > 0:
         _fld_rows_kernel[(triton.cdiv(n, BN),)](
             xs, ws, xt, wt, lse_s, lse_t, rows, c, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
             xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
-            DIV=DIV_CODE[divergence], LOG_FLOOR=LOG_FLOOR, UPCAST=INTERPRET and xs.dtype == torch.bfloat16,
+            DIV=DIV_CODE[divergence], LOG_FLOOR=LOG_FLOOR, UPCAST=_upcast(xs.dtype),
             BN=BN, BV=BV, BD=BD,
         )
     return rows, c
@@ -288,42 +249,48 @@ def fld_dlogits(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_c
     g = out[:, :width] if out is not None else torch.empty(n, width, device=xs.device, dtype=torch.float32)
     has_labels = labels is not None
     dummy = lse_s
+    BN, BV, BD = _blocks()
     grid = (triton.cdiv(n, BN), triton.cdiv(width, BV))
     _fld_bwd_kernel[grid](
         xs, ws, xt, wt, labels if has_labels else dummy, lse_s, lse_t, lse_c, c, coef_div,
         coef_ce if has_labels else dummy, g, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
         v_start, v_stop, g.stride(0), xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
         DIV=DIV_CODE[divergence], HAS_LABELS=has_labels, LOG_FLOOR=LOG_FLOOR,
-        UPCAST=INTERPRET and xs.dtype == torch.bfloat16, BN=BN, BV=BV, BD=BD,
+        UPCAST=_upcast(xs.dtype), BN=BN, BV=BV, BD=BD,
     )
     return g
 
 
 class FusedLinearDivergenceTriton(torch.autograd.Function):
-    """Triton path; same contract as ``FusedLinearDivergenceFunction`` (returns (div, ce))."""
+    """Triton path; same contract as ``FusedLinearDivergenceFunction`` (returns (div, ce)).
+    forward(xs, ws, bs, xt, wt, bt, weight, labels, params); bs/bt (lm_head biases) must be None here."""
 
     @staticmethod
-    def forward(ctx, xs, ws, xt, wt, divergence, beta, temperature, weight, labels, ignore_index, reduction):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, weight, labels, params):
+        if xs.dtype == torch.float64:
+            raise ValueError("impl='triton' computes in fp32 and takes fp16/bf16/fp32 inputs, got torch.float64; "
+                             "use impl='torch' (computes in float64) or cast the inputs")
         xs, ws, xt, wt = _contig(xs, ws, xt, wt)
         v, vc = ws.shape[0], min(ws.shape[0], wt.shape[0])
-        inv_t = 1.0 / temperature
-        fkl = divergence == "forward_kl"
-        separate_ce = labels is not None and (temperature != 1.0 or v != vc)
+        inv_t = params.inv_t
+        fkl = params.divergence == "forward_kl"
+        separate_ce = labels is not None and (params.temperature != 1.0 or v != vc)
         lse_s, lse_t, lse_c, z_label, rows = fld_forward_stats(xs, ws, xt, wt, labels, inv_t, fkl, separate_ce)
         c = torch.zeros_like(rows)
         if not fkl:
-            rows, c = fld_divergence_rows(xs, ws, xt, wt, lse_s, lse_t, inv_t, divergence, beta)
-        div, ce, w_rows, valid, n_valid = finish_rows(rows, lse_c, z_label, weight, labels, ignore_index, reduction)
+            rows, c = fld_divergence_rows(xs, ws, xt, wt, lse_s, lse_t, inv_t, params.divergence, params.beta)
+        div, ce, w_rows, valid, n_valid = finish_rows(rows, lse_c, z_label, weight, labels, params.ignore_index,
+                                                      params.reduction)
         ctx.save_for_backward(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid)
-        ctx.cfg = (divergence, beta, inv_t, reduction)
+        ctx.params = params
         return div.to(xs.dtype), ce.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_div, grad_ce):
         xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid = ctx.saved_tensors
-        divergence, beta, inv_t, reduction = ctx.cfg
+        params = ctx.params
         n = xs.shape[0]
-        coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid)
+        coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid)
         coef_div = coef_div.contiguous()
         coef_ce = coef_ce.float().contiguous() if coef_ce is not None else None
         v = ws.shape[0]
@@ -331,15 +298,16 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dxs = torch.zeros(xs.shape, device=xs.device, dtype=torch.float32) if needs_dx else None
         dws = torch.zeros(ws.shape, device=ws.device, dtype=ws.dtype) if needs_dw else None
-        chunk = max(BV, min(vtot, (CHUNK_ELEMS // max(n, 1)) // BV * BV))
+        bv = _blocks()[1]
+        chunk = max(bv, min(vtot, (CHUNK_ELEMS // max(n, 1)) // bv * bv))
         buf = torch.empty(n, chunk, device=xs.device, dtype=torch.float32) if n > 0 else None
         xs32 = xs.float()
         for v0 in range(0, vtot if n > 0 else 0, chunk):
             v1 = min(vtot, v0 + chunk)
-            g = fld_dlogits(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, inv_t,
-                            divergence, beta, v0, v1, out=buf)
+            g = fld_dlogits(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, params.inv_t,
+                            params.divergence, params.beta, v0, v1, out=buf)
             if dxs is not None:
                 dxs.addmm_(g, ws[v0:v1].float())
             if dws is not None:
                 dws[v0:v1] = (g.T @ xs32).to(ws.dtype)
-        return (dxs.to(xs.dtype) if dxs is not None else None, dws) + (None,) * 9
+        return (dxs.to(xs.dtype) if dxs is not None else None, dws) + (None,) * 7

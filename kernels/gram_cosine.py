@@ -15,7 +15,7 @@ Layers in this file:
     _gram_stats_kernel          forward statistics, one program per (j-block, i-block, sample)
     _gram_grad_matmul_kernel    backward product, one program per (Dm-block, i-block, sample)
     gram_stats / gram_grad_matmul                      launchers (validation, allocation, grid)
-    gram_stats_reference / gram_grad_matmul_reference  float64 PyTorch oracles (materialise R)
+    (float64 oracles: gram_stats_reference / gram_grad_matmul_reference in kdengine/losses/reference.py)
     GramStatsTriton             autograd.Function (H_s, G_s, H_t, G_t) -> stats, used by
                                 kdengine.losses.gram_cosine with impl="triton"
 
@@ -24,27 +24,19 @@ Rows that are masked out must already be zero in both H and A (the caller zeroes
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-# TRITON_INTERPRET is read when @triton.jit decorates, so it must be set before the
-# decorators below run. Without a GPU the interpreter is the only way to run the kernels.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from kdengine.kernels import interpreting
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _default_blocks() -> tuple[int, int, int, int]:
+    """(BP, BD, BDM, num_warps) = (rows/cols of an R tile, reduction chunk over Ds/Dt, output columns
+    of the backward product, warps). Small blocks under the interpreter keep the numpy work per
+    program small and still exercise every mask on test shapes."""
+    return (16, 16, 16, 1) if interpreting() else (64, 32, 64, 4)
 
-# Block sizes: (BP, BD, BDM) = (rows/cols of an R tile, reduction chunk over Ds/Dt,
-# output columns of the backward product). Small blocks under the interpreter keep the
-# numpy work per program small and still exercise every mask on test shapes.
-if INTERPRET:
-    BP_DEFAULT, BD_DEFAULT, BDM_DEFAULT, NUM_WARPS = 16, 16, 16, 1
-else:
-    BP_DEFAULT, BD_DEFAULT, BDM_DEFAULT, NUM_WARPS = 64, 32, 64, 4
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -60,7 +52,7 @@ def _needs_upcast(dtype_a: torch.dtype, dtype_h: torch.dtype) -> bool:
     if dtype_a == torch.float16:
         return False
     if dtype_a == torch.bfloat16:
-        return INTERPRET
+        return interpreting()
     return True
 
 
@@ -220,7 +212,7 @@ def _check_gram_inputs(named: dict[str, torch.Tensor]) -> tuple[int, int]:
             raise ValueError(
                 f"{a_name} and {h_name} must share D, got {a_name} {_shape(named[a_name])} "
                 f"and {h_name} {_shape(named[h_name])}")
-    if not INTERPRET and ref.device.type != "cuda":
+    if not interpreting() and ref.device.type not in ("cuda", "meta"):
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {ref.device}")
     return B, P
 
@@ -245,7 +237,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers and references
+# launchers
 # ----------------------------------------------------------------------------------------------
 def gram_stats(
     a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
@@ -268,7 +260,8 @@ def gram_stats(
         R_s = a_s[b] @ h_s[b]^T, R_t = a_t[b] @ h_t[b]^T ([P, P], never materialised).
     """
     B, P = _check_gram_inputs({"a_s": a_s, "h_s": h_s, "a_t": a_t, "h_t": h_t})
-    BP, BD = BP or BP_DEFAULT, BD or BD_DEFAULT
+    bp, bd, _, num_warps = _default_blocks()
+    BP, BD = BP or bp, BD or bd
     _check_blocks(BP, BD, None, input_precision)
     if B == 0 or P == 0:
         return torch.zeros(B, 3, dtype=torch.float32, device=a_s.device)
@@ -280,19 +273,10 @@ def gram_stats(
         P, a_s.shape[2], a_t.shape[2], NI, NJ,
         *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
         BP=BP, BD=BD, SYMMETRIC=bool(symmetric), DOT_PRECISION=input_precision,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )
     # Fixed-order reduction of the [B, NI, NJ, 3] partials: deterministic, no atomics.
     return partial.sum(dim=(1, 2), dtype=torch.float64).to(torch.float32)
-
-
-def gram_stats_reference(
-    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
-) -> torch.Tensor:
-    """Float64 oracle for `gram_stats`: materialises R_s, R_t [B, P, P]. Returns float64 [B, 3]."""
-    r_s = a_s.double() @ h_s.double().transpose(1, 2)
-    r_t = a_t.double() @ h_t.double().transpose(1, 2)
-    return torch.stack([(r_s * r_t).sum((1, 2)), (r_s * r_s).sum((1, 2)), (r_t * r_t).sum((1, 2))], dim=1)
 
 
 def gram_grad_matmul(
@@ -321,7 +305,8 @@ def gram_grad_matmul(
             raise ValueError(f"{name} must be a tensor of shape ({B},) (one scalar per sample), got {_shape(c)}")
         if c.device != a_s.device:
             raise ValueError(f"{name} is on {c.device}, expected {a_s.device} like a_s")
-    BP, BD, BDM = BP or BP_DEFAULT, BD or BD_DEFAULT, BDM or BDM_DEFAULT
+    bp, bd, bdm, num_warps = _default_blocks()
+    BP, BD, BDM = BP or bp, BD or bd, BDM or bdm
     _check_blocks(BP, BD, BDM, input_precision)
     Dm = m.shape[2]
     out = torch.empty(B, P, Dm, dtype=torch.float32, device=a_s.device)
@@ -337,20 +322,9 @@ def gram_grad_matmul(
         *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
         *_strides(m), *_strides(out),
         BP=BP, BD=BD, BDM=BDM, DOT_PRECISION=input_precision,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )
     return out
-
-
-def gram_grad_matmul_reference(
-    a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
-    coef_t: torch.Tensor, coef_s: torch.Tensor, m: torch.Tensor,
-) -> torch.Tensor:
-    """Float64 oracle for `gram_grad_matmul`: materialises R [B, P, P]. Returns float64 [B, P, Dm]."""
-    r_s = a_s.double() @ h_s.double().transpose(1, 2)
-    r_t = a_t.double() @ h_t.double().transpose(1, 2)
-    c = coef_t.double()[:, None, None] * r_t - coef_s.double()[:, None, None] * r_s
-    return c @ m.double()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,13 +18,8 @@ if not torch.cuda.is_available():  # tests/conftest.py does the same; kept for s
 
 import pytest  # noqa: E402
 
-from kdengine.kernels.gram_cosine import (  # noqa: E402
-    GramStatsTriton,
-    gram_grad_matmul,
-    gram_grad_matmul_reference,
-    gram_stats,
-    gram_stats_reference,
-)
+from kdengine.kernels.gram_cosine import GramStatsTriton, gram_grad_matmul, gram_stats  # noqa: E402
+from kdengine.losses.reference import gram_grad_matmul_reference, gram_stats_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = 1e-30

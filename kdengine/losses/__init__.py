@@ -4,7 +4,8 @@
 """
 
 from kdengine.losses.divergences import DIVERGENCES
-from kdengine.losses.fused_linear_divergence import fused_linear_divergence, fused_linear_divergence_reference
+from kdengine.losses.fused_linear_divergence import fused_linear_divergence
+from kdengine.losses.reference import fused_linear_divergence_reference
 from kdengine.losses.gram_cosine import gram_cosine_loss
 from kdengine.losses.objective import DistillSettings, LossWeights, linear_cross_entropy, llava_kd_loss
 

@@ -1,4 +1,6 @@
-"""Elementwise algebra of the six divergences, shared by the torch path and mirrored by the Triton kernels.
+"""Algebra of the six divergences: elementwise terms and gradients (torch path; mirrored by
+``kdengine/kernels/divergence_terms.py``), and the per-row epilogue shared by the torch and Triton paths.
+A leaf module: it imports nothing from kdengine, so every path can use it without cycles.
 
 Notation (one row, one vocabulary block): ``s = log p_s`` and ``t = log p_t`` are the student and
 teacher log-probabilities at temperature T over the compared vocabulary (the first min(V, Vt)
@@ -91,3 +93,44 @@ def divergence_grad(
         return p_s.sub_(t.exp())
     _, h = divergence_terms(s, t, divergence, beta)
     return p_s.mul_(h.sub_(c[:, None]))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row epilogue: [N] statistics -> outputs, and output grads -> [N] coefficients
+# ----------------------------------------------------------------------------------------------
+def as_f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """none -> [N]; sum; mean divides by N (0 for N = 0)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / max(rows.shape[0], 1) if reduction == "mean" else total
+
+
+def finish_rows(rows_loss, lse_c, z_label, weight, labels, ignore_index, reduction):
+    """Per-row statistics -> (div, ce, w_rows, valid, n_valid).
+
+    rows_loss, lse_c, z_label: [N] fp32. ce = mean over rows with label != ignore_index (0 if none).
+    """
+    w_rows = as_f32(weight.detach()) if weight is not None else None
+    div = reduce_rows(rows_loss * w_rows if w_rows is not None else rows_loss, reduction)
+    if labels is None:
+        return div, torch.zeros((), device=rows_loss.device), w_rows, None, None
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp_min(1)
+    ce = torch.where(valid, lse_c - z_label, 0.0).sum() / n_valid
+    return div, ce, w_rows, valid, n_valid
+
+
+def row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid):
+    """d(output)/d(row divergence) and d(output)/d(row CE) as [N] fp32 vectors (CE: None without labels)."""
+    coef_div = grad_div.float().expand(n)
+    if reduction == "mean":
+        coef_div = coef_div / max(n, 1)
+    if w_rows is not None:
+        coef_div = coef_div * w_rows
+    coef_ce = grad_ce.float() * valid / n_valid if valid is not None else None
+    return coef_div, coef_ce

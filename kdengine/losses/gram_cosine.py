@@ -13,10 +13,11 @@ Every impl produces the per-sample statistics S [B, 3] = (<R_s, R_t>, |R_s|^2, |
     sample: mean over samples with >= 1 valid row of (1 - cos_b)
 Samples with no valid row contribute nothing; with none at all the loss is 0 (zero gradients).
 
-Impls behind ``impl=``:
-    reference  materialises Z [B, P, V] and R [B, P, P] (oracle, naive baseline)
+Impls behind ``impl=`` (this file holds the API, the G cache and the loss from statistics):
+    reference  materialises Z [B, P, V] and R [B, P, P] (oracle, naive baseline; reference.py)
     torch      autograd over the P x P form (R = (H G) H^T, P <= D) or the D x D form
                (<R_s,R_t> = tr(G_s C G_t C^T), C = H_s^T H_t; P > D): no [P, V] anywhere
+               (gram_cosine_torch.py)
     triton     blocked kernels (kdengine.kernels.gram_cosine): R tiles recomputed from A = H G and H,
                neither [P, V] nor [P, P] in memory (long visual sequences, video)
 """
@@ -27,9 +28,11 @@ import weakref
 
 import torch
 
-from kdengine.losses.fused_linear_divergence import IMPLS, check_devices_dtypes_frozen_teacher, resolve_impl
+from kdengine.losses.checks import GRAM_REDUCTIONS, IMPLS, check_choice, check_devices_dtypes_frozen_teacher, resolve_impl
+from kdengine.losses.gram_cosine_torch import gram_stats_torch
+from kdengine.losses.reference import gram_cosine_stats_reference
 
-REDUCTIONS = ("batch", "sample")
+REDUCTIONS = GRAM_REDUCTIONS  # TODO(layout): train/config.py still imports IMPLS, REDUCTIONS from here
 _GRAM_CACHE: list = []  # (weakref to weight, version, rows, G), most recent last
 _GRAM_CACHE_SIZE = 4
 
@@ -59,10 +62,8 @@ def validate_gram_args(student_hidden, student_weight, teacher_hidden, teacher_w
             raise ValueError(f"mask has shape {shape}; expected a bool tensor [B, P] = ({b}, {p})")
         if mask.device != dev:
             raise ValueError(f"mask is on {mask.device} but student_hidden is on {dev}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; expected one of {REDUCTIONS}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    check_choice("reduction", reduction, GRAM_REDUCTIONS)
+    check_choice("impl", impl, IMPLS)
 
 
 def weight_gram(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -99,36 +100,6 @@ def loss_from_stats(stats: torch.Tensor, has_rows: torch.Tensor, reduction: str)
     return per.sum() / has_rows.sum().clamp_min(1)
 
 
-def _stats_reference(hs, ws, ht, wt, vc):
-    """Materialised logits: Z [B, P, V], R [B, P, P]."""
-    compute = torch.float64 if hs.dtype == torch.float64 else torch.float32
-    zs = (hs @ ws[:vc].T).to(compute)
-    zt = (ht @ wt[:vc].T).to(compute)
-    rs = zs @ zs.transpose(1, 2)
-    rt = zt @ zt.transpose(1, 2)
-    return torch.stack([(rs * rt).sum((1, 2)), (rs * rs).sum((1, 2)), (rt * rt).sum((1, 2))], -1)
-
-
-def _frob_stats(rs: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
-    """[B, 3] = (<rs, rt>, |rs|^2, |rt|^2) per sample as row dot products (no elementwise temporaries)."""
-    fs, ft = rs.flatten(1), rt.flatten(1)
-    return torch.stack([torch.linalg.vecdot(fs, ft), torch.linalg.vecdot(fs, fs), torch.linalg.vecdot(ft, ft)], -1)
-
-
-def _stats_torch(hs, gs, ht, gt):
-    """P x P form when P <= max(Ds, Dt), else the D x D form; autograd handles H_s and G_s."""
-    p = hs.shape[1]
-    if p <= max(hs.shape[2], ht.shape[2]):
-        return _frob_stats((hs @ gs) @ hs.transpose(1, 2), (ht @ gt) @ ht.transpose(1, 2))
-    c = hs.transpose(1, 2) @ ht                      # [B, Ds, Dt]
-    ms = gs @ (hs.transpose(1, 2) @ hs)              # G_s M_s, |R_s|^2 = tr((G_s M_s)^2)
-    mt = gt @ (ht.transpose(1, 2) @ ht)
-    dot = torch.linalg.vecdot((gs @ c @ gt).flatten(1), c.flatten(1))            # tr(G_s C G_t C^T)
-    ns = torch.linalg.vecdot(ms.flatten(1), ms.transpose(1, 2).flatten(1))
-    nt = torch.linalg.vecdot(mt.flatten(1), mt.transpose(1, 2).flatten(1))
-    return torch.stack([dot, ns, nt], -1)
-
-
 def gram_cosine_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -160,13 +131,13 @@ def gram_cosine_loss(
         hs = student_hidden * mask[..., None]
         ht = teacher_hidden * mask[..., None]
     if impl == "reference":
-        stats = _stats_reference(hs, student_weight, ht, teacher_weight, vc)
+        stats = gram_cosine_stats_reference(hs, student_weight, ht, teacher_weight, vc)
     else:
         hs32, ht32 = hs.float(), ht.float()
         gs = weight_gram(student_weight, vc)
         gt = weight_gram(teacher_weight, vc)
         if impl == "torch":
-            stats = _stats_torch(hs32, gs, ht32, gt)
+            stats = gram_stats_torch(hs32, gs, ht32, gt)
         else:
             from kdengine.kernels.gram_cosine import GramStatsTriton
 

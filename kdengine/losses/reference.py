@@ -1,0 +1,112 @@
+"""Plain PyTorch references of every loss op: they materialise the logits (and Gram matrices).
+
+They are the test oracles (run in float64), the CPU path of last resort (``impl="reference"``) and
+the generic materialising baseline of the benchmarks. Each computes in fp32, or in float64 when
+given float64, and follows the same contract as the op it mirrors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdengine.losses.checks import IGNORE_INDEX
+from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, reduce_rows
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  rows: int | None = None) -> torch.Tensor:
+    """hidden [N, D] @ weight[:rows]^T (+ bias[:rows]) in the compute dtype: [N, rows]."""
+    rows = weight.shape[0] if rows is None else rows
+    z = (hidden @ weight[:rows].T).to(_compute_dtype(hidden))
+    return z if bias is None else z + bias[:rows].to(z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_divergence
+# ----------------------------------------------------------------------------------------------
+def fused_linear_divergence_reference(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, divergence="forward_kl", beta=0.5,
+    temperature=1.0, weight=None, labels=None, ignore_index=IGNORE_INDEX, reduction="mean",
+    student_bias=None, teacher_bias=None,
+):
+    """Full [N, V] logits. Same contract as ``kdengine.losses.fused_linear_divergence``."""
+    vc = min(student_weight.shape[0], teacher_weight.shape[0])
+    zs_full = linear_logits(student_hidden, student_weight, student_bias)
+    zt = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vc)
+    s = torch.log_softmax(zs_full[:, :vc] / temperature, dim=-1)
+    t = torch.log_softmax(zt / temperature, dim=-1)
+    rows = divergence_rows_reference(s, t, divergence, beta)
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    div = reduce_rows(rows, reduction).to(student_hidden.dtype)
+    if labels is None:
+        return div
+    ce = torch.nn.functional.cross_entropy(zs_full, labels.long(), ignore_index=ignore_index, reduction="sum")
+    n_valid = (labels != ignore_index).sum().clamp_min(1)
+    return div, (ce / n_valid).to(student_hidden.dtype)
+
+
+def divergence_rows_reference(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """Row divergences [N] from log-probabilities s (student), t (teacher; may hold -inf) [N, V].
+
+    A term weighted by a zero probability is exactly 0; in the KL log-ratios log p_t is floored at
+    LOG_FLOOR (see ``divergences.py``).
+    """
+    p_s, p_t = s.exp(), t.exp()
+    t_floor = t.clamp_min(LOG_FLOOR)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+
+    def kl_pos(p, log_p, log_q):  # sum p (log p - log q) with 0 log 0 = 0
+        return torch.where(p > 0, p * (log_p - log_q), zero).sum(-1)
+
+    def log_mix(a, b):  # log(beta e^a + (1 - beta) e^b)
+        return torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
+
+    if divergence == "forward_kl":
+        return kl_pos(p_t, t_floor, s)
+    if divergence == "reverse_kl":
+        return kl_pos(p_s, s, t_floor)
+    if divergence in ("jsd", "skew_forward_kl"):
+        log_m = log_mix(t, s)
+        fwd = kl_pos(p_t, t, log_m)
+        return fwd if divergence == "skew_forward_kl" else beta * fwd + (1 - beta) * kl_pos(p_s, s, log_m)
+    if divergence == "skew_reverse_kl":
+        return kl_pos(p_s, s, log_mix(s, t))
+    if divergence == "tvd":
+        return 0.5 * (p_t - p_s).abs().sum(-1)
+    raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
+
+
+# ----------------------------------------------------------------------------------------------
+# gram_cosine_loss
+# ----------------------------------------------------------------------------------------------
+def _frobenius_stats(rs: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
+    """R_s, R_t [B, P, P] -> [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2)."""
+    return torch.stack([(rs * rt).sum((1, 2)), (rs * rs).sum((1, 2)), (rt * rt).sum((1, 2))], -1)
+
+
+def gram_cosine_stats_reference(hs, ws, ht, wt, vc):
+    """Materialised logits Z = H W[:vc]^T [B, P, vc] and R = Z Z^T [B, P, P] -> stats [B, 3]."""
+    dtype = _compute_dtype(hs)
+    zs, zt = (hs @ ws[:vc].T).to(dtype), (ht @ wt[:vc].T).to(dtype)
+    return _frobenius_stats(zs @ zs.transpose(1, 2), zt @ zt.transpose(1, 2))
+
+
+def gram_stats_reference(a_s, h_s, a_t, h_t):
+    """Float64 oracle for ``kdengine.kernels.gram_cosine.gram_stats``: R = A H^T materialised -> [B, 3]."""
+    return _frobenius_stats(a_s.double() @ h_s.double().transpose(1, 2), a_t.double() @ h_t.double().transpose(1, 2))
+
+
+def gram_grad_matmul_reference(a_s, h_s, a_t, h_t, coef_t, coef_s, m):
+    """Float64 oracle for ``kdengine.kernels.gram_cosine.gram_grad_matmul``:
+    (coef_t R_t - coef_s R_s) @ m with R = A H^T materialised -> [B, P, Dm]."""
+    r_s = a_s.double() @ h_s.double().transpose(1, 2)
+    r_t = a_t.double() @ h_t.double().transpose(1, 2)
+    c = coef_t.double()[:, None, None] * r_t - coef_s.double()[:, None, None] * r_s
+    return c @ m.double()

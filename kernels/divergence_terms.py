@@ -1,0 +1,54 @@
+"""Elementwise Triton helpers of the divergence kernels: the online log-sum-exp update and the
+divergence terms, mirroring ``kdengine/losses/divergences.py`` (its docstring has the algebra)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online(m, l, z):
+    """Online log-sum-exp update of running max m and sum l [BN] with a tile z [BN, BV] (may hold -inf)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe[:, None])
+    return m_new, l * scale + tl.sum(e, axis=1), scale, e, m_safe
+
+
+@triton.jit
+def _div_terms(s, t, beta, LOG_FLOOR: tl.constexpr, DIV: tl.constexpr):
+    """Elementwise loss terms and gradient factor h (see kdengine/losses/divergences.py)."""
+    p_s = tl.exp(s)
+    p_t = tl.exp(t)
+    t_floor = tl.maximum(t, LOG_FLOOR)
+    if DIV == 0:
+        elem = tl.where(p_t > 0, p_t * (t_floor - s), 0.0)
+        h = p_s  # unused: forward_kl has dL/dz = p_s - p_t
+    elif DIV == 1:
+        h = s - t_floor
+        elem = p_s * h
+    elif DIV == 5:
+        elem = 0.5 * tl.abs(p_t - p_s)
+        h = tl.where(p_s > p_t, 0.5, tl.where(p_s < p_t, -0.5, 0.0))
+    else:
+        if DIV == 4:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
+            a = s + tl.log(beta)
+            b = t + tl.log(1.0 - beta)
+        else:  # jsd, skew_forward_kl: m = beta p_t + (1 - beta) p_s
+            a = t + tl.log(beta)
+            b = s + tl.log(1.0 - beta)
+        mx = tl.maximum(a, b)
+        log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+        if DIV == 2:
+            elem = beta * tl.where(p_t > 0, p_t * (t - log_m), 0.0) + (1.0 - beta) * p_s * (s - log_m)
+            h = (1.0 - beta) * (s - log_m)
+        elif DIV == 3:
+            elem = tl.where(p_t > 0, p_t * (t - log_m), 0.0)
+            h = -(1.0 - beta) * tl.exp(t - log_m)
+        else:
+            ratio = s - log_m
+            elem = p_s * ratio
+            h = ratio - beta * tl.exp(ratio)
+    return elem, h
+
+
