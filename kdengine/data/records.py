@@ -31,13 +31,14 @@ ON_BAD_SAMPLE = ("error", "skip")
 # Reasons a sample can be rejected; the summary counts by these names.
 REASONS = (
     "malformed",  # not a dict, bad/missing id or conversations, bad roles or order
+    "not_utf8",  # bytes that are not UTF-8 text (a JSONL line, or a string of a JSON record)
     "empty_answer",  # a gpt turn with an empty or whitespace-only value
     "image_count_mismatch",  # number of <image> placeholders != number of images
     "image_missing",  # image path does not exist
     "image_unreadable",  # the path exists but cannot be opened (permissions, a folder)
     "image_corrupt",  # pillow cannot decode it (truncated or not an image)
     "tokenization_mismatch",  # piecewise tokenization differs from the whole text
-    "too_long",  # truncation would cut through image tokens
+    "too_long",  # longer than the length limit and truncation may not (or cannot) cut it
     "no_supervised_tokens",  # nothing left to learn after truncation
 )
 
@@ -56,19 +57,38 @@ class BadSample(ValueError):
 
 @dataclass
 class BadSampleSummary:
-    """Counts of skipped samples by reason, with the first few ids of each.
+    """What happened to the samples: skipped ones by reason, truncated ones, and the first few
+    ids of each.
 
-    ``total`` counts samples seen; ``kept`` those that survived.
+    ``total`` counts samples seen; ``kept`` those that survived the checks before training;
+    ``truncated`` the kept ones cut to the length limit. ``during_training`` counts sample
+    reads dropped later (lazily decoded images under ``on_bad_sample="skip"``), by reason;
+    the trainer adds them with :meth:`add_during_training` from the collated batches.
     """
 
     total: int = 0
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    truncated: int = 0
+    truncated_examples: list = field(default_factory=list)
+    during_training: Counter = field(default_factory=Counter)
+    training_examples: dict = field(default_factory=dict)
     max_examples: int = 5
 
     def add(self, err: BadSample) -> None:
-        self.counts[err.reason] += 1
-        ex = self.examples.setdefault(err.reason, [])
+        self._count(self.counts, self.examples, err)
+
+    def add_during_training(self, err: BadSample) -> None:
+        self._count(self.during_training, self.training_examples, err)
+
+    def add_truncated(self, sample_id, where: str) -> None:
+        self.truncated += 1
+        if len(self.truncated_examples) < self.max_examples:
+            self.truncated_examples.append(f"{sample_id!r} at {where}")
+
+    def _count(self, counts: Counter, examples: dict, err: BadSample) -> None:
+        counts[err.reason] += 1
+        ex = examples.setdefault(err.reason, [])
         if len(ex) < self.max_examples:
             ex.append(f"{err.sample_id!r} at {err.where}")
 
@@ -80,18 +100,33 @@ class BadSampleSummary:
     def kept(self) -> int:
         return self.total - self.skipped
 
+    @property
+    def skipped_during_training(self) -> int:
+        return sum(self.during_training.values())
+
     def to_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "skipped": dict(sorted(self.counts.items()))}
+        out = {"total": self.total, "kept": self.kept, "skipped": dict(sorted(self.counts.items())),
+               "truncated": self.truncated}
+        if self.during_training:
+            out["skipped_during_training"] = dict(sorted(self.during_training.items()))
+        return out
 
     def format(self) -> str:
-        lines = [f"data: {self.kept}/{self.total} samples kept, {self.skipped} skipped"]
-        for reason in REASONS:
-            if self.counts[reason]:
-                lines.append(f"  {reason}: {self.counts[reason]} (e.g. {', '.join(self.examples[reason])})")
+        lines = [f"data: {self.kept}/{self.total} samples kept ({self.truncated} truncated), {self.skipped} skipped"]
+        if self.truncated:
+            lines.append(f"  truncated: {self.truncated} (e.g. {', '.join(self.truncated_examples)})")
+        lines += _reason_lines(self.counts, self.examples)
+        if self.during_training:
+            lines.append(f"skipped during training: {self.skipped_during_training} sample reads")
+            lines += _reason_lines(self.during_training, self.training_examples)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _reason_lines(counts: Counter, examples: dict) -> list[str]:
+    return [f"  {r}: {counts[r]} (e.g. {', '.join(examples[r])})" for r in REASONS if counts[r]]
 
 
 @dataclass(frozen=True)
@@ -119,30 +154,91 @@ def check_on_bad_sample(on_bad_sample: str) -> None:
         raise ValueError(f"on_bad_sample={on_bad_sample!r}: expected one of {ON_BAD_SAMPLE}")
 
 
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _bad_bytes(data: bytes) -> list[int]:
+    """Offsets of the bytes of ``data`` that decode as no UTF-8 text (one per surrogate escape)."""
+    offsets, start = [], 0
+    while True:
+        try:
+            data[start:].decode("utf-8")
+            return offsets
+        except UnicodeDecodeError as e:
+            offsets += range(start + e.start, start + e.end)
+            start += e.end
+
+
+def _escaped(obj) -> int:
+    """Number of surrogate-escaped bytes (undecodable input) in the strings of ``obj``."""
+    if isinstance(obj, str):
+        return sum(1 for c in obj if "\udc80" <= c <= "\udcff")
+    if isinstance(obj, list):
+        return sum(_escaped(v) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_escaped(k) + _escaped(v) for k, v in obj.items())
+    return 0
+
+
+def _raw_id(raw):
+    return raw.get("id") if isinstance(raw, dict) else None
+
+
+def _id_of_line(raw_line: bytes):
+    """The record id of a JSONL line that is not UTF-8, if the rest of it parses (else None)."""
+    try:
+        return _raw_id(json.loads(raw_line.decode("utf-8", errors="surrogateescape")))
+    except json.JSONDecodeError:
+        return None
+
+
 def _iter_raw(path: str):
-    """Yield (raw_record_or_BadSample, where) from a .json list or .jsonl file."""
+    """Yield (raw_record_or_BadSample, where) from a .json list or .jsonl file.
+
+    Bytes that are not UTF-8 make a ``not_utf8`` BadSample of the record holding them (the
+    line of a JSONL file; the list index, and the line of the first bad byte, of a JSON
+    file); outside any string of a JSON list they are a broken file (ValueError).
+    """
     name = os.path.basename(path)
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for lineno, raw_line in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    msg = f"byte 0x{raw_line[e.start]:02x} at column {e.start + 1} of {name} line {lineno} is not UTF-8"
+                    yield BadSample("not_utf8", msg, _id_of_line(raw_line), where), where
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     yield json.loads(line), where
                 except json.JSONDecodeError as e:
                     yield BadSample("malformed", f"invalid JSON in {name} line {lineno}: {e.msg}", None, where), where
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                # A broken JSON list cannot be resynchronised: always an error.
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        for i, raw in enumerate(data):
-            yield raw, f"{path}[index {i}]"
+        with open(path, "rb") as f:
+            data = f.read()
+        bad = _bad_bytes(data)
+        try:
+            records = json.loads(data.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            # A broken JSON list cannot be resynchronised: always an error.
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        seen = 0  # bad bytes of the records before this one, in file order
+        for i, raw in enumerate(records):
+            where = f"{path}[index {i}]"
+            n = _escaped(raw)
+            if n:
+                off = bad[min(seen, len(bad) - 1)]
+                msg = f"byte 0x{data[off]:02x} at {name} line {_line_of(data, off)} is not UTF-8 ({n} such byte(s))"
+                seen += n
+                yield BadSample("not_utf8", msg, _raw_id(raw), where), where
+            else:
+                yield raw, where
     else:
         raise ValueError(f"data file {path!r}: expected a .json (list) or .jsonl file")
 
