@@ -15,7 +15,7 @@ from kdengine.data.sampler import LengthGroupedBatchSampler
 from kdengine.data.synth import synthesize
 
 PAD, IMG = 0, 3
-BATCH_KEYS = {"input_ids", "attention_mask", "labels", "visual_mask", "pixel_values", "ids"}
+BATCH_KEYS = {"input_ids", "attention_mask", "labels", "visual_mask", "pixel_values", "ids", "skipped"}
 
 
 def sample(sid, ids, labels, n_images=0, fill=0.0):

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import SiglipImageProcessorPil
 
 from kdengine.data.collator import LlavaCollator
-from kdengine.data.dataset import LlavaDataset, build_dataset
+from kdengine.data.dataset import LlavaDataset, SkippedSample, build_dataset
 from kdengine.data.records import BadSample, load_records
 from kdengine.data.tokenizer import train_tokenizer
 
@@ -115,7 +115,7 @@ def test_skip_counts_every_reason(tmp_path, folder, capsys):
     }
     assert (summary.total, summary.kept, summary.skipped) == (18, 2, 16)
     text = summary.format()
-    assert text.startswith("data: 2/18 samples kept, 16 skipped")
+    assert text.startswith("data: 2/18 samples kept (0 truncated), 16 skipped")
     assert f"image_missing: 1 (e.g. 'x8' at {path}:9)" in text
 
 
@@ -127,7 +127,7 @@ def test_good_records_parse(tmp_path, folder):
     assert records[2].images == (os.path.join(folder, "good.png"), os.path.join(folder, "good2.png"))
     assert [t.role for t in records[2].turns] == ["human", "gpt", "human", "gpt"]
     assert not records[1].has_image and records[2].where == f"{path}:4"
-    assert summary.to_dict() == {"total": 3, "kept": 3, "skipped": {}}
+    assert summary.to_dict() == {"total": 3, "kept": 3, "skipped": {}, "truncated": 0}
 
 
 def test_file_level_errors(tmp_path, folder):
@@ -171,21 +171,29 @@ def test_lazy_image_failure_error_or_skip(tmp_path, folder, tokenizer, processor
     gone.unlink()  # disappears after loading
     with pytest.raises(BadSample, match=rf"id='g' at {path}:2 \[image_missing\]"):
         strict[1]
-    assert lenient[1] is None and lenient.summary.counts == {"image_missing": 1}
+    skipped = lenient[1]
+    assert isinstance(skipped, SkippedSample) and skipped.error.reason == "image_missing"
     collate = LlavaCollator(tokenizer.pad_token_id, lenient.image_token_id, 4)
     batch = collate([lenient[0], lenient[1]])
     assert batch["ids"] == ["ok"] and batch["pixel_values"].shape == (1, 3, 32, 32)
-    assert collate([None]) is None
+    assert [(e.sample_id, e.reason, e.where) for e in batch["skipped"]] == [("g", "image_missing", f"{path}:2")]
+    empty = collate([lenient[1]])
+    assert empty["ids"] == [] and "input_ids" not in empty and len(empty["skipped"]) == 1
+    for err in batch["skipped"] + empty["skipped"]:  # what the trainer does with them
+        lenient.summary.add_during_training(err)
+    assert lenient.summary.during_training == {"image_missing": 2}
+    assert lenient.summary.to_dict()["skipped_during_training"] == {"image_missing": 2}
+    assert f"skipped during training: 2 sample reads\n  image_missing: 2 (e.g. 'g' at {path}:2" in lenient.summary.format()
 
 
-def test_truncation_policy_drop_counts_error_raises(tmp_path, folder, tokenizer, processor):
+def test_truncation_uncuttable_sample_is_dropped_and_counted_or_raises(tmp_path, folder, tokenizer, processor):
     long_q = "q " * 40
     rows = [GOOD, {"id": "long", "image": "good.png", "conversations": conv((long_q + "<image>", "a"))}, TEXT]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     kw = dict(image_folder=folder, template="chat", num_image_tokens=4, max_length=30, verbose=False)
-    ds = build_dataset(path, tokenizer, processor, truncation="drop", **kw)
+    ds = build_dataset(path, tokenizer, processor, truncation="truncate", **kw)
     assert [r.id for r in ds.records] == ["ok", "txt"]
-    assert ds.summary.to_dict() == {"total": 3, "kept": 2, "skipped": {"too_long": 1}}
+    assert ds.summary.to_dict() == {"total": 3, "kept": 2, "skipped": {"too_long": 1}, "truncated": 0}
     assert max(ds.lengths) <= 30
     with pytest.raises(BadSample, match=rf"id='long' at {path}:2 \[too_long\].*max_length=30"):
         build_dataset(path, tokenizer, processor, truncation="error", **kw)

@@ -9,9 +9,12 @@ Batch contract (B samples, L = longest sample, right padding)::
     pixel_values    Float[N, 3, H, W] | None   every image of the batch, in sample order;
                                  None when no sample has an image
     ids             list         record ids, length B
+    skipped         list[BadSample]   samples of this micro-batch dropped while loading (lazily
+                                 decoded images under on_bad_sample="skip"), for the trainer to count
 
-Truncation is the dataset's job (it knows the policy and counts drops); the collator
-checks that every sample's image tokens match its images.
+When every sample of a micro-batch was dropped the batch is ``{"ids": [], "skipped": [...]}``
+(no tensors). Truncation is the dataset's job (it knows the policy and counts cuts and drops);
+the collator checks that every sample's image tokens match its images.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .dataset import SkippedSample
 from .templates import IGNORE_INDEX
 
 
 @dataclass
 class LlavaCollator:
-    """Collate :class:`kdengine.data.dataset.LlavaDataset` samples (None samples are dropped).
+    """Collate :class:`kdengine.data.dataset.LlavaDataset` samples (`SkippedSample`s are listed, not padded).
 
     Args:
         pad_token_id: id written into padding positions.
@@ -34,7 +38,7 @@ class LlavaCollator:
             ``n_images * num_image_tokens`` of them.
         pad_to_multiple_of: round L up to a multiple of this (None: no rounding).
 
-    Returns (from ``__call__``): the batch dict above, or None if every sample was None.
+    Returns (from ``__call__``): the batch dict above.
     """
 
     pad_token_id: int
@@ -48,10 +52,11 @@ class LlavaCollator:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of}: expected None or >= 1")
 
-    def __call__(self, samples: list[dict | None]) -> dict | None:
-        samples = [s for s in samples if s is not None]
+    def __call__(self, samples: list[dict | SkippedSample]) -> dict:
+        skipped = [s.error for s in samples if isinstance(s, SkippedSample)]
+        samples = [s for s in samples if not isinstance(s, SkippedSample)]
         if not samples:
-            return None
+            return {"ids": [], "skipped": skipped}
         L = max(len(s["input_ids"]) for s in samples)
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -84,4 +89,5 @@ class LlavaCollator:
             "visual_mask": input_ids == self.image_token_id,
             "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
             "ids": [s["id"] for s in samples],
+            "skipped": skipped,
         }

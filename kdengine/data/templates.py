@@ -174,12 +174,14 @@ def truncate(
     image_token_id: int,
     sample_id=None,
     where: str = "",
+    limit_name: str = "max_length",
 ) -> tuple[list[int], list[int]]:
     """Cut a sample to ``max_length`` tokens without cutting through image tokens.
 
     Only text after the last image token may be cut. Raises ``BadSample("too_long")`` if
     the cut would reach an image token and ``BadSample("no_supervised_tokens")`` if no
     supervised label is left; the caller drops-and-counts or raises by its policy.
+    ``limit_name`` names the limit in those messages (e.g. the model's context length).
     """
     if max_length is None or len(input_ids) <= max_length:
         out_ids, out_labels = input_ids, labels
@@ -188,7 +190,7 @@ def truncate(
         if last_img >= max_length:
             raise BadSample(
                 "too_long",
-                f"{len(input_ids)} tokens > max_length={max_length} and image tokens reach position "
+                f"{len(input_ids)} tokens > {limit_name}={max_length} and image tokens reach position "
                 f"{last_img}: truncation would cut through an image",
                 sample_id,
                 where,
@@ -197,7 +199,7 @@ def truncate(
     if all(lab == IGNORE_INDEX for lab in out_labels):
         raise BadSample(
             "no_supervised_tokens",
-            f"no supervised token left in {len(out_ids)} tokens (max_length={max_length}, full length {len(input_ids)})",
+            f"no supervised token left in {len(out_ids)} tokens ({limit_name}={max_length}, full length {len(input_ids)})",
             sample_id,
             where,
         )
