@@ -197,3 +197,45 @@ def test_argument_errors(tmp_path):
         synthesize(tmp_path, n_caption=-1)
     with pytest.raises(ValueError, match="image_size=8: expected >= 24"):
         synthesize(tmp_path, image_size=8)
+
+
+def _snapshot(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_non_empty_out_is_refused_and_overwrite_replaces_it_whole(tmp_path):
+    out = tmp_path / "ds"
+    synthesize(out, seed=1, **SMALL)
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=rf"out_dir {out}: not empty .*overwrite=True \(--overwrite\)"):
+        synthesize(out, seed=2, **SMALL)
+    assert _snapshot(out) == before
+    small = dict(SMALL, n_caption=3)
+    synthesize(out, seed=2, overwrite=True, **small)
+    synthesize(tmp_path / "fresh", seed=2, **small)
+    assert _snapshot(out) == _snapshot(tmp_path / "fresh")  # no stale caption/000003.png ... 000009.png
+    assert sorted(os.listdir(tmp_path)) == ["ds", "fresh"]  # no temporary sibling left
+    (tmp_path / "empty").mkdir()
+    synthesize(tmp_path / "empty", seed=2, **small)  # an empty folder is fine without overwrite
+
+
+def test_interrupted_synth_leaves_the_old_dataset_and_the_next_run_cleans_up(tmp_path, monkeypatch, capsys):
+    import kdengine.data.synth as synth_mod
+
+    out = tmp_path / "ds"
+    synthesize(out, seed=1, **SMALL)
+    before = _snapshot(out)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth_mod, "train_tokenizer", crash)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, seed=2, overwrite=True, **SMALL)
+    monkeypatch.undo()
+    assert _snapshot(out) == before and (tmp_path / ".ds.synth-tmp").is_dir()
+    synthesize(out, seed=2, overwrite=True, **SMALL)
+    assert f"removing {tmp_path / '.ds.synth-tmp'}, left by an interrupted synth write" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+    assert json.load(open(out / "meta.json"))["seed"] == 2

@@ -13,6 +13,10 @@
     out_dir/tokenizer/             byte-level BPE trained on all the text above
     out_dir/meta.json              seed, sizes and file names
 
+``out_dir`` is written whole or not at all: into a temporary sibling, renamed at the end;
+a non-empty ``out_dir`` is refused unless ``overwrite=True``, and then replaced whole (no
+stale image of the old dataset stays beside the new ones).
+
 Image paths are relative to ``out_dir/images``. Same seed and sizes -> byte-identical
 JSON files and identical image pixels; each split has its own random stream, so changing
 one split's size leaves the others unchanged.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -322,11 +327,12 @@ def synthesize(
     text_only: float = 0.05,
     vocab_size: int = 2048,
     questions: str = "mixed",
+    overwrite: bool = False,
 ) -> dict:
     """Write the synthetic dataset and tokenizer to ``out_dir`` (see the module docstring).
 
     Args:
-        out_dir: output folder (created; existing files of the same names are overwritten).
+        out_dir: output folder; it must not exist or be empty, unless ``overwrite``.
         seed: random seed; the whole output is a function of the arguments.
         n_caption, n_instruct, n_eval: number of caption records, instruction records and
             evaluation questions (each with its own scene).
@@ -337,6 +343,7 @@ def synthesize(
         vocab_size: upper bound for the BPE tokenizer.
         questions: question set of the instruction and evaluation records, a key of
             ``QUESTION_SETS`` ("mixed" or "basic").
+        overwrite: replace a non-empty ``out_dir`` whole.
 
     Returns:
         dict of paths: images, pretrain, instruct, eval_questions, eval_answers, tokenizer, meta.
@@ -352,7 +359,12 @@ def synthesize(
     if questions not in QUESTION_SETS:
         raise ValueError(f"questions={questions!r}: expected one of {sorted(QUESTION_SETS)}")
     makers = QUESTION_SETS[questions]
-    out = os.fspath(out_dir)
+    final = os.path.normpath(os.fspath(out_dir))
+    _check_out_dir(final, overwrite)
+    out = _sibling(final, "synth-tmp")
+    if os.path.exists(out):
+        print(f"removing {out}, left by an interrupted synth write", flush=True)
+        shutil.rmtree(out)
     img_root = os.path.join(out, "images")
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
 
@@ -437,4 +449,30 @@ def synthesize(
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
     }
     _dump_json(meta, paths["meta"])
-    return paths
+    _replace_dir(out, final)
+    return {k: os.path.join(final, os.path.relpath(v, out)) for k, v in paths.items()}
+
+
+def _sibling(path: str, tag: str) -> str:
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.{tag}")
+
+
+def _check_out_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out_dir {out}: is a file, expected a folder (or a path that does not exist)")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"out_dir {out}: not empty ({len(os.listdir(out))} entries); expected a new or empty "
+                         f"folder, or overwrite=True (--overwrite) to replace it whole")
+
+
+def _replace_dir(tmp: str, out: str) -> None:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is set aside first, then removed."""
+    old = None
+    if os.path.isdir(out) and os.listdir(out):
+        old = _sibling(out, "synth-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)  # onto a missing or empty folder
+    if old is not None:
+        shutil.rmtree(old)
