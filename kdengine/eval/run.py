@@ -53,6 +53,7 @@ def run_eval(
         the metrics dict written to ``metrics``.
     """
     from kdengine.data.templates import TEMPLATES
+    from kdengine.eval.checkpoint_files import check_checkpoint_dir
     from kdengine.eval.generate import generate_answers, image_path, load_questions, write_jsonl
     from kdengine.eval.scoring import load_answer_key, score_answers
 
@@ -62,8 +63,8 @@ def run_eval(
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size}, max_new_tokens={max_new_tokens}: expected both >= 1")
     for what, path in (("model", model), ("teacher", teacher)):
-        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{what} checkpoint {path}: no config.json (expected a save_pretrained folder)")
+        if path is not None:
+            check_checkpoint_dir(path, what)
     if images is not None and not os.path.isdir(images):
         raise FileNotFoundError(f"image folder not found: {images}")
     if teacher is not None and answers is None and heldout is None:
