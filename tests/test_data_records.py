@@ -151,7 +151,7 @@ def test_file_level_errors(tmp_path, folder):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = ["What? red Hello Hi q a b q2 yes no shapes colour"] * 5
+    texts = ["What? red Hello Hi q a b q2 yes no shapes colour long answer words"] * 5
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
 
 

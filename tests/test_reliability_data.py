@@ -7,37 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from reliability_report import record
-from test_data_records import GOOD, TEXT, conv, write_jsonl
-from transformers import SiglipImageProcessorPil
+from test_data_records import GOOD, TEXT, conv, folder, processor, tokenizer, write_jsonl  # noqa: F401 (fixtures)
 
 from kdengine.cli import main
 from kdengine.data.dataset import build_dataset
 from kdengine.data.records import BadSample, load_records
-from kdengine.data.tokenizer import train_tokenizer
 from kdengine.eval.checkpoint_files import check_checkpoint_dir
 
 HERE = "test_reliability_data.py"
-
-
-@pytest.fixture()
-def folder(tmp_path):
-    from test_data_records import png_bytes
-
-    img = tmp_path / "images"
-    img.mkdir()
-    (img / "good.png").write_bytes(png_bytes())
-    return img
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    texts = ["What? red Hello Hi q a b q2 yes no shapes colour long answer words"] * 5
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return SiglipImageProcessorPil(size={"height": 32, "width": 32})
 
 
 def _jsonl_bytes(rows) -> bytes:

@@ -193,6 +193,22 @@ def _id_of_line(raw_line: bytes):
         return None
 
 
+def jsonl_lines(path: str):
+    """Yield (line number, text, raw bytes, problem) for every non-blank line of a JSONL file.
+
+    ``problem`` is None, or "byte 0x.. at column N" when the line is not UTF-8 (then ``text``
+    is None); the caller names the file and decides (a BadSample, an error)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, raw, f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                continue
+            if text.strip():
+                yield lineno, text, raw, None
+
+
 def _iter_raw(path: str):
     """Yield (raw_record_or_BadSample, where) from a .json list or .jsonl file.
 
@@ -202,21 +218,16 @@ def _iter_raw(path: str):
     """
     name = os.path.basename(path)
     if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw_line in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw_line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    msg = f"byte 0x{raw_line[e.start]:02x} at column {e.start + 1} of {name} line {lineno} is not UTF-8"
-                    yield BadSample("not_utf8", msg, _id_of_line(raw_line), where), where
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), where
-                except json.JSONDecodeError as e:
-                    yield BadSample("malformed", f"invalid JSON in {name} line {lineno}: {e.msg}", None, where), where
+        for lineno, line, raw_line, bad_byte in jsonl_lines(path):
+            where = f"{path}:{lineno}"
+            if bad_byte:
+                msg = f"{bad_byte} of {name} line {lineno} is not UTF-8"
+                yield BadSample("not_utf8", msg, _id_of_line(raw_line), where), where
+                continue
+            try:
+                yield json.loads(line), where
+            except json.JSONDecodeError as e:
+                yield BadSample("malformed", f"invalid JSON in {name} line {lineno}: {e.msg}", None, where), where
     elif path.endswith(".json"):
         with open(path, "rb") as f:
             data = f.read()

@@ -25,6 +25,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from kdengine.data.records import jsonl_lines
+
 __all__ = [
     "QUESTION_TYPES",
     "KeyEntry",
@@ -230,25 +232,20 @@ def iter_question_rows(path: str | os.PathLike, what: str):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            qid = row.get("question_id")
-            if qid is None or isinstance(qid, bool) or not isinstance(qid, (str, int)):
-                raise ValueError(f"{where}: 'question_id' must be a string or int, got {qid!r}")
-            yield row, qid, where
+    for lineno, line, _, bad_byte in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if bad_byte:
+            raise ValueError(f"{where}: {bad_byte} is not UTF-8")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        qid = row.get("question_id")
+        if qid is None or isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise ValueError(f"{where}: 'question_id' must be a string or int, got {qid!r}")
+        yield row, qid, where
 
 
 def load_answer_key(path: str | os.PathLike) -> dict:
