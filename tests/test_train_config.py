@@ -154,6 +154,30 @@ def test_existing_run_needs_resume(tmp_path):
     check_run_dir(cfg, resume=True)
 
 
+# The config errors the CLI must report in one line with exit code 2: (test id, --set overrides, message part)
+CLI_ERRORS = [
+    ("unknown-key", ["run.sead=1"], "unknown config key 'run.sead'"),
+    ("wrong-type", ["stages.0.lr=abc"], "stages[0].lr = 'abc' (str): expected a number"),
+    ("dft-without-teacher", ["stages.student_dft.teacher=null"], "kind 'dft' needs a teacher"),
+    ("unknown-model", ["stages.0.model=tutor"], "stages[0] (teacher_pt).model = 'tutor': expected one of the models"),
+    ("set-without-equals", ["stages.0.lr"], "--set 'stages.0.lr': expected key=value"),
+    ("missing-data-path", ["datasets.pretrain.path=/nonexistent/558k.json"],
+     "datasets.pretrain.path = '/nonexistent/558k.json': file not found"),
+]
+
+
+@pytest.mark.parametrize("overrides, part", [e[1:] for e in CLI_ERRORS], ids=[e[0] for e in CLI_ERRORS])
+def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys, overrides, part):
+    from kdengine.cli import main
+
+    argv = ["train", "--set", f"run.output_dir={tmp_path / 'run'}"] + [a for o in overrides for a in ("--set", o)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("kdengine train: config error: ") and part in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_config_error_before_anything_heavy(tmp_path):
     """The CLI exits 2 with the message, without importing DeepSpeed or writing the run directory."""
     run_dir = tmp_path / "run"

@@ -21,6 +21,10 @@ Each stage trains ``model``; it starts from that model's weights after its previ
 from its spec for its first stage). ``teacher`` (dpt/dft only) names another model, used with
 its weights as of that point in the pipeline. Any string may contain ``{run_dir}``, replaced by
 ``run.output_dir``. Numbers such as ``1e-3`` (a string to YAML 1.1) are accepted for floats.
+
+Checks: each section checks its own fields in ``__post_init__`` (ValueError ``field = value:
+expected ...``; the loader adds the section's key). What spans sections (a stage's model, data
+and teacher names, batch divisibility by the world size, the DeepSpeed JSON, paths) is `check`.
 """
 
 from __future__ import annotations
@@ -36,8 +40,6 @@ from typing import Any, Literal
 import yaml
 
 from kdengine.data.synth import QUESTION_SETS
-from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES
-from kdengine.losses.gram_cosine import IMPLS, REDUCTIONS
 from kdengine.losses.objective import DistillSettings, LossWeights
 from kdengine.model.build import TINY_STUDENT, TINY_TEACHER, ModelSpec
 from kdengine.model.freeze import COMPONENTS
@@ -55,12 +57,8 @@ __all__ = [
 
 STAGE_KINDS = ("pt", "sft", "dpt", "dft")
 DISTILL_KINDS = ("dpt", "dft")
-DEFAULT_TRAINABLE = {
-    "pt": ["projector"],
-    "sft": ["projector", "language_model"],
-    "dpt": ["projector"],
-    "dft": ["projector", "language_model"],
-}
+DEFAULT_TRAINABLE = {"pt": ["projector"], "sft": ["projector", "language_model"],
+                     "dpt": ["projector"], "dft": ["projector", "language_model"]}
 # Paper defaults (Sec. 4.1): alpha, beta, gamma = 1, 1, 0.5 in DPT and in DFT.
 DEFAULT_WEIGHTS = {
     "pt": {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},
@@ -69,16 +67,8 @@ DEFAULT_WEIGHTS = {
     "dft": {"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 0.5},
 }
 # Keys the engine derives from the stage; a DeepSpeed JSON must not set them.
-DS_OWNED_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer",
-    "scheduler",
-    "bf16",
-    "fp16",
-)
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
 RUN_DIR = "{run_dir}"
 
 
@@ -89,12 +79,28 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- sections
 
 
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"{key} = {value!r}: expected >= {low}")
+
+
+def _one_of(key: str, value: Any, choices: typing.Iterable) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} = {value!r}: expected one of {sorted(choices)}")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/tiny"
     seed: int = 0
     log_every: int = 1  # optimizer steps between metrics records (and the cross-rank loss reduce)
     keep_checkpoints: int = 2  # resumable checkpoints kept per stage (older ones are deleted)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir is empty: expected a directory for checkpoints and metrics")
+        _at_least("log_every", self.log_every, 1)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
 
 
 @dataclass
@@ -109,6 +115,11 @@ class SynthConfig:
     image_size: int = 32
     vocab_size: int = 1024
     questions: str = "mixed"  # question set: a key of kdengine.data.synth.QUESTION_SETS
+
+    def __post_init__(self):
+        for name in ("n_caption", "n_instruct", "n_eval"):
+            _at_least(name, getattr(self, name), 0)
+        _one_of("questions", self.questions, QUESTION_SETS)
 
 
 @dataclass
@@ -137,6 +148,15 @@ class EngineConfig:
     cpu_threads: int | None = 1
     dist_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
 
+    def __post_init__(self):
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage = {self.zero_stage!r}: expected 0, 1, 2, 3 or null")
+        _at_least("num_workers", self.num_workers, 0)
+        if self.cpu_threads is not None:
+            _at_least("cpu_threads", self.cpu_threads, 1)
+        if self.dist_backend is not None and self.dist_backend not in ("gloo", "nccl", "ccl", "mpi"):
+            raise ValueError(f"dist_backend = {self.dist_backend!r}: expected gloo, nccl, ccl, mpi or null")
+
 
 @dataclass
 class StageConfig:
@@ -161,11 +181,48 @@ class StageConfig:
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: none)
 
     def __post_init__(self):
-        if self.kind in STAGE_KINDS:
-            if self.weights is None:
-                self.weights = LossWeights(**DEFAULT_WEIGHTS[self.kind])
-            if self.trainable is None:
-                self.trainable = list(DEFAULT_TRAINABLE[self.kind])
+        """The kind's defaults, then every check that needs no other section (see `check` for those)."""
+        _one_of("kind", self.kind, STAGE_KINDS)
+        if self.weights is None:
+            self.weights = LossWeights(**DEFAULT_WEIGHTS[self.kind])
+        if self.trainable is None:
+            self.trainable = list(DEFAULT_TRAINABLE[self.kind])
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name = {self.name!r}: expected a non-empty directory name")
+        if not self.trainable:
+            raise ValueError(f"trainable = {self.trainable!r}: nothing to train; expected some of {list(COMPONENTS)}")
+        bad = [c for c in self.trainable if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"trainable has unknown components {bad}; expected names from {list(COMPONENTS)}")
+        self._check_weights()
+        _at_least("epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            _at_least("max_steps", self.max_steps, 1)
+        if not self.lr > 0:
+            raise ValueError(f"lr = {self.lr}: expected > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio = {self.warmup_ratio}: expected 0 <= warmup_ratio < 1")
+        for name in ("weight_decay", "grad_clip", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("micro_batch_size", "batch_size"):
+            _at_least(name, getattr(self, name), 1)
+
+    def _check_weights(self) -> None:
+        """The weights suit the kind (each weight is checked by LossWeights itself)."""
+        w = self.weights
+        terms = dataclasses.asdict(w)
+        if not any(terms.values()):
+            raise ValueError(f"weights are all zero {terms}: expected at least one weight > 0")
+        if not self.distills and w.distills:
+            raise ValueError(
+                f"weights res/vis/rel = {w.res}/{w.vis}/{w.rel}: kind {self.kind!r} has no teacher; "
+                f"expected 0 (use kind dpt or dft to distill)"
+            )
+        if self.distills and not w.distills:
+            raise ValueError(
+                f"weights res/vis/rel are all zero: kind {self.kind!r} would not distill; "
+                f"expected one of them > 0 (or kind {'pt' if self.kind == 'dpt' else 'sft'})"
+            )
 
     @property
     def distills(self) -> bool:
@@ -190,14 +247,15 @@ def _tiny_datasets() -> dict[str, DatasetConfig]:
 
 
 def _tiny_stages() -> list[StageConfig]:
-    s = dict(batch_size=8, micro_batch_size=8, checkpoint_every=50)
+    sizes = dict(batch_size=8, micro_batch_size=8, checkpoint_every=50)
     return [
-        StageConfig(name="teacher_pt", kind="pt", model="teacher", data="pretrain", lr=2e-3, **s),
-        StageConfig(name="teacher_sft", kind="sft", model="teacher", data="instruct", lr=1e-3, epochs=3, **s),
-        StageConfig(name="student_dpt", kind="dpt", model="student", teacher="teacher", data="pretrain", lr=2e-3, **s),
-        StageConfig(name="student_sft", kind="sft", model="student", data="instruct", lr=1e-3, epochs=2, **s),
+        StageConfig(name="teacher_pt", kind="pt", model="teacher", data="pretrain", lr=2e-3, **sizes),
+        StageConfig(name="teacher_sft", kind="sft", model="teacher", data="instruct", lr=1e-3, epochs=3, **sizes),
+        StageConfig(name="student_dpt", kind="dpt", model="student", teacher="teacher", data="pretrain", lr=2e-3,
+                    **sizes),
+        StageConfig(name="student_sft", kind="sft", model="student", data="instruct", lr=1e-3, epochs=2, **sizes),
         StageConfig(name="student_dft", kind="dft", model="student", teacher="teacher", data="instruct", lr=1e-3,
-                    epochs=2, **s),
+                    epochs=2, **sizes),
     ]
 
 
@@ -216,6 +274,9 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- loading
 
+# Sections a YAML file overrides field by field; the other sections it replaces whole.
+MERGED_SECTIONS = ("run", "synth", "engine")
+
 
 def load_config(
     path: str | os.PathLike | None = None,
@@ -230,22 +291,14 @@ def load_config(
     WORLD_SIZE environment variable, else 1) is used to check batch divisibility.
     Raises ConfigError naming the key, the value and what was expected.
     """
-    raw: dict = {}
+    tree = TrainConfig().to_dict()  # the defaults as plain YAML data
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level is a {type(raw).__name__}; expected a mapping of sections")
-    base = TrainConfig()
+        for key, value in _read_yaml(os.fspath(path)).items():
+            merge = key in MERGED_SECTIONS and isinstance(value, dict) and isinstance(tree[key], dict)
+            tree[key] = {**tree[key], **value} if merge else value
     for item in overrides:
-        _apply_override(raw, base, item)
-    cfg = _build(TrainConfig, raw, "", base)
+        _apply_override(tree, item)
+    cfg = _build(TrainConfig, tree, "")
     _substitute(cfg, RUN_DIR, cfg.run.output_dir)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -253,41 +306,43 @@ def load_config(
     return cfg
 
 
-def _apply_override(raw: dict, base: Any, item: str) -> None:
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level is a {type(raw).__name__}; expected a mapping of sections")
+    return raw
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    """Set one dotted key of the config tree (sections missing on the way start empty)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value (e.g. stages.0.lr=1e-4)")
     key, text = item.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
+    parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
-    node, default = raw, base
+    node: Any = tree
     for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
-            i = _list_index(node, part, where)
-            default = default[i] if isinstance(default, list) and i < len(default) else None
-            if last:
-                node[i] = value
-                return
-            if node[i] is None or not isinstance(node[i], (dict, list)):
-                node[i] = {}
-            node = node[i]
-            continue
-        if not isinstance(node, dict):
+            part = _list_index(node, part, ".".join(parts[: depth + 1]))
+        elif not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is not a section")
-        sub_default = _field_value(default, part)
-        if last:
+        elif part not in node or node[part] is None:
+            node[part] = {}
+        if depth == len(parts) - 1:
             node[part] = value
-            return
-        if part not in node or node[part] is None:
-            # Materialise the default section so the override edits it instead of replacing it.
-            node[part] = _to_raw(sub_default) if sub_default is not None else {}
-        node, default = node[part], sub_default
+        else:
+            node = node[part]
 
 
 def _list_index(node: list, part: str, where: str) -> int:
@@ -300,24 +355,6 @@ def _list_index(node: list, part: str, where: str) -> int:
     if part in names:
         return names.index(part)
     raise ConfigError(f"--set {where}: no item named {part!r}; expected an index or one of {names}")
-
-
-def _field_value(obj: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return getattr(obj, name, None)
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return None
-
-
-def _to_raw(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: _to_raw(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_raw(v) for v in obj]
-    return obj
 
 
 def _type_name(tp: Any) -> str:
@@ -337,9 +374,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _build(cls: type, data: Any, where: str, base: Any = None) -> Any:
-    """Instance of dataclass ``cls`` from a mapping; fields absent from ``data`` come from ``base``
-    (an instance) or the class defaults. Unknown keys, wrong types and missing fields raise."""
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instance of dataclass ``cls`` from a mapping, fields by their type hints; absent fields take
+    the class defaults. Unknown keys, wrong types, missing fields and the class's own
+    ``__post_init__`` checks raise ConfigError naming the key."""
     label = where or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{label} = {data!r}: expected {_type_name(cls)}")
@@ -355,37 +393,33 @@ def _build(cls: type, data: Any, where: str, base: Any = None) -> Any:
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
         if name in data:
-            sub_base = getattr(base, name, None) if base is not None else None
-            kwargs[name] = _parse(hints[name], data[name], key, sub_base)
-        elif base is not None:
-            kwargs[name] = getattr(base, name)
+            kwargs[name] = _parse(hints[name], data[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key {key!r} is missing; expected {_type_name(hints[name])}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except ValueError as e:  # a dataclass's own __post_init__ check: name the config section
+    except ValueError as e:  # the dataclass's own check, "field = value: expected ..."
+        if isinstance(data.get("name"), str):  # a named item (a stage): say which
+            label = f"{label} ({data['name']})"
         raise ConfigError(f"{label}.{e}") from None
 
 
 def _stage_defaults(data: dict, where: str) -> dict:
-    """Fill a stage's kind-dependent defaults (trainable components, loss weights) before parsing."""
-    data = dict(data)
-    kind = data.get("kind")
+    """A stage's ``weights`` given in part keep the kind's defaults for the other terms."""
+    kind, weights = data.get("kind"), data.get("weights")
     if kind not in STAGE_KINDS:
         raise ConfigError(f"{where}.kind = {kind!r}: expected one of {list(STAGE_KINDS)}")
-    weights = data.get("weights")
     if weights is None:
-        weights = {}
+        return data
     if not isinstance(weights, dict):
         keys = list(DEFAULT_WEIGHTS[kind])
         raise ConfigError(f"{where}.weights = {weights!r}: expected a mapping with keys from {keys}")
-    data["weights"] = {**DEFAULT_WEIGHTS[kind], **weights}
-    return data
+    return {**data, "weights": {**DEFAULT_WEIGHTS[kind], **weights}}
 
 
-def _parse(tp: Any, value: Any, where: str, base: Any = None) -> Any:
+def _parse(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -396,7 +430,7 @@ def _parse(tp: Any, value: Any, where: str, base: Any = None) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _parse(arg, value, where, base)
+                return _parse(arg, value, where)
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:
@@ -422,7 +456,7 @@ def _parse(tp: Any, value: Any, where: str, base: Any = None) -> Any:
             out[k] = _parse(item, v, f"{where}.{k}")
         return out
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, base)
+        return _build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r}: expected true or false")
@@ -468,58 +502,37 @@ def _substitute(obj: Any, token: str, value: str) -> Any:
 
 
 def check(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) -> None:
-    """Raise ConfigError on the first inconsistency; reads nothing but small JSON files and stats paths."""
-    run = cfg.run
-    if not run.output_dir:
-        raise ConfigError("run.output_dir is empty: expected a directory for checkpoints and metrics")
-    _at_least("run.log_every", run.log_every, 1)
-    _at_least("run.keep_checkpoints", run.keep_checkpoints, 1)
-    _check_engine(cfg.engine)
+    """The checks that span sections (each section checked its own fields when it was built).
+    Raises ConfigError on the first problem; reads nothing but small JSON files and stats paths."""
+    _check_deepspeed(cfg.engine)
     if not cfg.stages:
         raise ConfigError("stages is empty: expected at least one stage")
     seen: set[str] = set()
-    for i, st in enumerate(cfg.stages):
-        _check_stage(cfg, st, f"stages[{i}] ({st.name})", world_size)
-        if st.name in seen:
-            raise ConfigError(f"stages[{i}].name = {st.name!r} is used twice: expected unique stage names")
-        seen.add(st.name)
-    if cfg.synth is not None:
-        for name in ("n_caption", "n_instruct", "n_eval"):
-            _at_least(f"synth.{name}", getattr(cfg.synth, name), 0)
-        if cfg.synth.questions not in QUESTION_SETS:
-            raise ConfigError(f"synth.questions = {cfg.synth.questions!r}: expected one of {sorted(QUESTION_SETS)}")
+    for i, stage in enumerate(cfg.stages):
+        _check_stage(cfg, stage, f"stages[{i}] ({stage.name})", world_size)
+        if stage.name in seen:
+            raise ConfigError(f"stages[{i}].name = {stage.name!r} is used twice: expected unique stage names")
+        seen.add(stage.name)
     if check_paths:
         _check_paths(cfg)
 
 
-def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(f"{key} = {value!r}: expected >= {low}")
-
-
-def _check_engine(e: EngineConfig) -> None:
-    if e.zero_stage is not None and e.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"engine.zero_stage = {e.zero_stage!r}: expected 0, 1, 2, 3 or null")
-    _at_least("engine.num_workers", e.num_workers, 0)
-    if e.cpu_threads is not None:
-        _at_least("engine.cpu_threads", e.cpu_threads, 1)
-    if e.dist_backend is not None and e.dist_backend not in ("gloo", "nccl", "ccl", "mpi"):
-        raise ConfigError(f"engine.dist_backend = {e.dist_backend!r}: expected gloo, nccl, ccl, mpi or null")
-    ds = read_deepspeed_json(e.deepspeed_config) if e.deepspeed_config else {}
+def _check_deepspeed(engine: EngineConfig) -> None:
+    ds = read_deepspeed_json(engine.deepspeed_config) if engine.deepspeed_config else {}
     owned = sorted(k for k in ds if k in DS_OWNED_KEYS)
     if owned:
         raise ConfigError(
-            f"engine.deepspeed_config {e.deepspeed_config} sets {owned}: these come from the stage config "
+            f"engine.deepspeed_config {engine.deepspeed_config} sets {owned}: these come from the stage config "
             f"(batch_size, micro_batch_size, grad_clip, lr) and the device (bf16 on GPU); remove them from the JSON"
         )
     json_stage = ds.get("zero_optimization", {}).get("stage")
-    if e.zero_stage is not None and json_stage is not None and json_stage != e.zero_stage:
+    if engine.zero_stage is not None and json_stage is not None and json_stage != engine.zero_stage:
         raise ConfigError(
-            f"engine.zero_stage = {e.zero_stage} but {e.deepspeed_config} has zero_optimization.stage = {json_stage}: "
-            f"expected them equal (or leave engine.zero_stage null)"
+            f"engine.zero_stage = {engine.zero_stage} but {engine.deepspeed_config} has "
+            f"zero_optimization.stage = {json_stage}: expected them equal (or leave engine.zero_stage null)"
         )
-    if e.shard_teacher and zero_stage(e) != 3:
-        raise ConfigError(f"engine.shard_teacher = true needs ZeRO stage 3; the zero stage is {zero_stage(e)}")
+    if engine.shard_teacher and zero_stage(engine) != 3:
+        raise ConfigError(f"engine.shard_teacher = true needs ZeRO stage 3; the zero stage is {zero_stage(engine)}")
 
 
 def read_deepspeed_json(path: str) -> dict:
@@ -535,88 +548,39 @@ def read_deepspeed_json(path: str) -> dict:
     return ds
 
 
-def zero_stage(e: EngineConfig) -> int:
+def zero_stage(engine: EngineConfig) -> int:
     """The effective ZeRO stage: engine.zero_stage, else the JSON's, else 0."""
-    if e.zero_stage is not None:
-        return e.zero_stage
-    if e.deepspeed_config:
-        return int(read_deepspeed_json(e.deepspeed_config).get("zero_optimization", {}).get("stage", 0))
+    if engine.zero_stage is not None:
+        return engine.zero_stage
+    if engine.deepspeed_config:
+        return int(read_deepspeed_json(engine.deepspeed_config).get("zero_optimization", {}).get("stage", 0))
     return 0
 
 
-def _check_stage(cfg: TrainConfig, st: StageConfig, where: str, world_size: int) -> None:
-    if not st.name or "/" in st.name or st.name.startswith("."):
-        raise ConfigError(f"{where}.name = {st.name!r}: expected a non-empty directory name")
-    if st.model not in cfg.models:
-        raise ConfigError(f"{where}.model = {st.model!r}: expected one of the models {sorted(cfg.models)}")
-    if st.data not in cfg.datasets:
-        raise ConfigError(f"{where}.data = {st.data!r}: expected one of the datasets {sorted(cfg.datasets)}")
-    if st.distills:
-        others = sorted(m for m in cfg.models if m != st.model)
-        if st.teacher is None:
-            raise ConfigError(f"{where}: kind {st.kind!r} needs a teacher; expected teacher: one of {others}")
-        if st.teacher == st.model:
-            raise ConfigError(f"{where}.teacher = {st.teacher!r} is the model being trained; expected one of {others}")
-        if st.teacher not in cfg.models:
-            raise ConfigError(f"{where}.teacher = {st.teacher!r}: expected one of the models {others}")
-    elif st.teacher is not None:
+def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: int) -> None:
+    """The stage's model, data and teacher name entries of their sections; its batch splits over the ranks."""
+    if stage.model not in cfg.models:
+        raise ConfigError(f"{where}.model = {stage.model!r}: expected one of the models {sorted(cfg.models)}")
+    if stage.data not in cfg.datasets:
+        raise ConfigError(f"{where}.data = {stage.data!r}: expected one of the datasets {sorted(cfg.datasets)}")
+    teacher = stage.teacher
+    if stage.distills:
+        others = sorted(m for m in cfg.models if m != stage.model)
+        if teacher is None:
+            raise ConfigError(f"{where}: kind {stage.kind!r} needs a teacher; expected teacher: one of {others}")
+        if teacher == stage.model:
+            raise ConfigError(f"{where}.teacher = {teacher!r} is the model being trained; expected one of {others}")
+        if teacher not in cfg.models:
+            raise ConfigError(f"{where}.teacher = {teacher!r}: expected one of the models {others}")
+    elif teacher is not None:
         raise ConfigError(
-            f"{where}.teacher = {st.teacher!r}: kind {st.kind!r} is cross-entropy only; "
+            f"{where}.teacher = {teacher!r}: kind {stage.kind!r} is cross-entropy only; "
             f"expected no teacher (use kind dpt or dft to distill)"
         )
-    if not st.trainable:
+    per_step = stage.micro_batch_size * world_size
+    if stage.batch_size % per_step:
         raise ConfigError(
-            f"{where}.trainable = {st.trainable!r}: nothing to train; expected some of {list(COMPONENTS)}"
-        )
-    bad = [c for c in st.trainable if c not in COMPONENTS]
-    if bad:
-        raise ConfigError(f"{where}.trainable has unknown components {bad}; expected names from {list(COMPONENTS)}")
-    w = st.weights
-    terms = {k: getattr(w, k) for k in ("ce", "res", "vis", "rel")}
-    neg = {k: v for k, v in terms.items() if v < 0}
-    if neg:
-        raise ConfigError(f"{where}.weights {neg}: expected weights >= 0")
-    if not any(terms.values()):
-        raise ConfigError(f"{where}.weights are all zero {terms}: expected at least one weight > 0")
-    if not st.distills and w.distills:
-        raise ConfigError(
-            f"{where}.weights res/vis/rel = {w.res}/{w.vis}/{w.rel}: kind {st.kind!r} has no teacher; "
-            f"expected 0 (use kind dpt or dft to distill)"
-        )
-    if st.distills and not w.distills:
-        raise ConfigError(
-            f"{where}.weights res/vis/rel are all zero: kind {st.kind!r} would not distill; "
-            f"expected one of them > 0 (or kind {'pt' if st.kind == 'dpt' else 'sft'})"
-        )
-    d = st.distill
-    if d.divergence not in DIVERGENCES:
-        raise ConfigError(f"{where}.distill.divergence = {d.divergence!r}: expected one of {list(DIVERGENCES)}")
-    if d.divergence in BETA_DIVERGENCES and not 0.0 < d.beta < 1.0:
-        raise ConfigError(f"{where}.distill.beta = {d.beta} for {d.divergence}: expected 0 < beta < 1")
-    if not d.temperature > 0:
-        raise ConfigError(f"{where}.distill.temperature = {d.temperature}: expected > 0")
-    if d.rdist_reduction not in REDUCTIONS:
-        raise ConfigError(
-            f"{where}.distill.rdist_reduction = {d.rdist_reduction!r}: expected one of {list(REDUCTIONS)}"
-        )
-    if d.impl not in IMPLS:
-        raise ConfigError(f"{where}.distill.impl = {d.impl!r}: expected one of {list(IMPLS)}")
-    _at_least(f"{where}.epochs", st.epochs, 1)
-    if st.max_steps is not None:
-        _at_least(f"{where}.max_steps", st.max_steps, 1)
-    if not st.lr > 0:
-        raise ConfigError(f"{where}.lr = {st.lr}: expected > 0")
-    if not 0.0 <= st.warmup_ratio < 1.0:
-        raise ConfigError(f"{where}.warmup_ratio = {st.warmup_ratio}: expected 0 <= warmup_ratio < 1")
-    _at_least(f"{where}.weight_decay", st.weight_decay, 0)
-    _at_least(f"{where}.grad_clip", st.grad_clip, 0)
-    _at_least(f"{where}.checkpoint_every", st.checkpoint_every, 0)
-    _at_least(f"{where}.micro_batch_size", st.micro_batch_size, 1)
-    _at_least(f"{where}.batch_size", st.batch_size, 1)
-    per_step = st.micro_batch_size * world_size
-    if st.batch_size % per_step:
-        raise ConfigError(
-            f"{where}.batch_size = {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size} "
+            f"{where}.batch_size = {stage.batch_size} is not a multiple of micro_batch_size {stage.micro_batch_size} "
             f"x world size {world_size} = {per_step}: "
             f"expected batch_size = micro_batch_size x ranks x accumulation steps"
         )
@@ -636,8 +600,8 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} = {path!r}: {'directory' if kind == 'dir' else 'file'} not found")
 
     trained_before: set[str] = set()
-    for st in cfg.stages:
-        for role, name in (("model", st.model), ("teacher", st.teacher)):
+    for stage in cfg.stages:
+        for name in (stage.model, stage.teacher):
             if name is None or name in trained_before:
                 continue  # weights come from an earlier stage of this run
             spec = cfg.models[name]
@@ -647,11 +611,11 @@ def _check_paths(cfg: TrainConfig) -> None:
                 raise ConfigError(f"models.{name}: {err}") from None
             for attr in ("path", "vision_tower", "language_model", "tokenizer"):
                 need(f"models.{name}.{attr}", getattr(spec, attr), "dir")
-        trained_before.add(st.model)
-        ds = cfg.datasets[st.data]
+        trained_before.add(stage.model)
+        ds = cfg.datasets[stage.data]
         paths = ds.path if isinstance(ds.path, list) else [ds.path]
         if not any(paths):
-            raise ConfigError(f"datasets.{st.data}.path is empty: expected a LLaVA .json/.jsonl file")
+            raise ConfigError(f"datasets.{stage.data}.path is empty: expected a LLaVA .json/.jsonl file")
         for p in paths:
-            need(f"datasets.{st.data}.path", p, "file")
-        need(f"datasets.{st.data}.image_folder", ds.image_folder, "dir")
+            need(f"datasets.{stage.data}.path", p, "file")
+        need(f"datasets.{stage.data}.image_folder", ds.image_folder, "dir")
