@@ -110,3 +110,39 @@ def gram_grad_matmul_reference(a_s, h_s, a_t, h_t, coef_t, coef_s, m):
     r_t = a_t.double() @ h_t.double().transpose(1, 2)
     c = coef_t.double()[:, None, None] * r_t - coef_s.double()[:, None, None] * r_s
     return c @ m.double()
+
+
+# ----------------------------------------------------------------------------------------------
+# topk_divergence
+# ----------------------------------------------------------------------------------------------
+def topk_divergence_reference(
+    student_hidden, student_weight, teacher_ids, teacher_logprobs, temperature=1.0, tail="renormalise",
+    weight=None, labels=None, ignore_index=IGNORE_INDEX, reduction="mean", student_bias=None,
+):
+    """Full [N, V] logits and an [N, V] support mask. Same contract as ``kdengine.losses.topk_divergence``
+    (whose docstring defines both tail policies); teacher id -1 is padding."""
+    z = linear_logits(student_hidden, student_weight, student_bias)
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    pad = teacher_ids == -1
+    ids = torch.where(pad, 0, teacher_ids).long()
+    lp = teacher_logprobs.to(z.dtype).masked_fill(pad, -math.inf)
+    log_mass = torch.logsumexp(lp, -1, keepdim=True)
+    if tail == "renormalise":
+        lp = torch.where(torch.isfinite(log_mass), lp - log_mass, -math.inf)
+    p = lp.exp()
+    rows = torch.where(p > 0, p * (lp - log_q.gather(1, ids)), 0.0).sum(-1)
+    if tail == "tail":
+        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+        support = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, ~pad)
+        empty = support.all(-1, keepdim=True)  # K = V: no tail bin (kept finite for autograd)
+        log_q_tail = torch.logsumexp(log_q.masked_fill(support & ~empty, -math.inf), -1)
+        used = (p_tail > 0) & ~empty[:, 0]
+        rows = rows + torch.where(used, p_tail * (p_tail.clamp_min(1e-300).log() - log_q_tail), 0.0)
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    div = reduce_rows(rows, reduction).to(student_hidden.dtype)
+    if labels is None:
+        return div
+    ce = torch.nn.functional.cross_entropy(z, labels.long(), ignore_index=ignore_index, reduction="sum")
+    n_valid = (labels != ignore_index).sum().clamp_min(1)
+    return div, (ce / n_valid).to(student_hidden.dtype)
