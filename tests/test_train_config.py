@@ -161,6 +161,7 @@ CLI_ERRORS = [
     ("dft-without-teacher", ["stages.student_dft.teacher=null"], "kind 'dft' needs a teacher"),
     ("unknown-model", ["stages.0.model=tutor"], "stages[0] (teacher_pt).model = 'tutor': expected one of the models"),
     ("set-without-equals", ["stages.0.lr"], "--set 'stages.0.lr': expected key=value"),
+    ("set-invalid-yaml", ["run.seed=[1"], "--set 'run.seed=[1': value is not valid YAML: "),
     ("missing-data-path", ["datasets.pretrain.path=/nonexistent/558k.json"],
      "datasets.pretrain.path = '/nonexistent/558k.json': file not found"),
 ]

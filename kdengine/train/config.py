@@ -84,9 +84,9 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ValueError(f"{key} = {value!r}: expected >= {low}")
 
 
-def _one_of(key: str, value: Any, choices: typing.Iterable) -> None:
+def _one_of(key: str, value: Any, choices: typing.Collection) -> None:
     if value not in choices:
-        raise ValueError(f"{key} = {value!r}: expected one of {sorted(choices)}")
+        raise ValueError(f"{key} = {value!r}: expected one of {list(choices)}")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class SynthConfig:
     def __post_init__(self):
         for name in ("n_caption", "n_instruct", "n_eval"):
             _at_least(name, getattr(self, name), 0)
-        _one_of("questions", self.questions, QUESTION_SETS)
+        _one_of("questions", self.questions, sorted(QUESTION_SETS))
 
 
 @dataclass
@@ -293,7 +293,10 @@ def load_config(
     """
     tree = TrainConfig().to_dict()  # the defaults as plain YAML data
     if path is not None:
-        for key, value in _read_yaml(os.fspath(path)).items():
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        for key, value in _read_mapping(path, path, "YAML", "a mapping of sections").items():
             merge = key in MERGED_SECTIONS and isinstance(value, dict) and isinstance(tree[key], dict)
             tree[key] = {**tree[key], **value} if merge else value
     for item in overrides:
@@ -306,17 +309,16 @@ def load_config(
     return cfg
 
 
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+def _read_mapping(path: str, label: str, fmt: Literal["YAML", "JSON"], expected: str) -> dict:
+    """The mapping an existing YAML or JSON file holds, or ConfigError naming ``label`` and what is wrong."""
     with open(path, encoding="utf-8") as f:
         try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level is a {type(raw).__name__}; expected a mapping of sections")
-    return raw
+            data = json.load(f) if fmt == "JSON" else (yaml.safe_load(f) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{label}: invalid {fmt}: {' '.join(str(err).split())}") from None  # one line
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: top level is a {type(data).__name__}; expected {expected}")
+    return data
 
 
 def _apply_override(tree: dict, item: str) -> None:
@@ -330,7 +332,7 @@ def _apply_override(tree: dict, item: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {' '.join(str(e).split())}") from None
     node: Any = tree
     for depth, part in enumerate(parts):
         if isinstance(node, list):
@@ -538,14 +540,7 @@ def _check_deepspeed(engine: EngineConfig) -> None:
 def read_deepspeed_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"engine.deepspeed_config: file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            ds = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"engine.deepspeed_config {path}: invalid JSON: {err}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"engine.deepspeed_config {path}: expected a JSON object")
-    return ds
+    return _read_mapping(path, f"engine.deepspeed_config {path}", "JSON", "a JSON object")
 
 
 def zero_stage(engine: EngineConfig) -> int:
