@@ -124,18 +124,20 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
     results = {"seed": seed, "config": os.fspath(config), "out": out, "n_questions": None, "rows": []}
     for row in rows:
         ev = os.path.join(out, "eval", row.name)
-        m = run_eval(row.model_dir(out), questions, os.path.join(ev, "answers.jsonl"),
-                     images=os.path.join(data, "images"), answers=key,
-                     teacher=None if row.name == TEACHER else teacher_dir,
-                     metrics=os.path.join(ev, "metrics.json"), template=cfg.datasets[_instruct(cfg, row)].template,
-                     batch_size=eval_batch_size, max_new_tokens=max_new_tokens, progress=False, verbose=False)
-        results["n_questions"] = m["n"]
-        diag = m.get("diagnostics", {})
+        scores = run_eval(row.model_dir(out), questions, os.path.join(ev, "answers.jsonl"),
+                          images=os.path.join(data, "images"), answers=key,
+                          teacher=None if row.name == TEACHER else teacher_dir,
+                          metrics=os.path.join(ev, "metrics.json"),
+                          template=cfg.datasets[_instruct(cfg, row)].template, batch_size=eval_batch_size,
+                          max_new_tokens=max_new_tokens, progress=False, verbose=False)
+        results["n_questions"] = scores["n"]
+        diag = scores.get("diagnostics", {})
         results["rows"].append({
             "row": row.name, "label": row.label, "model_dir": row.model_dir(out), "stages": row.stages,
-            "steps": row.steps, "per_type": {k: v["accuracy"] for k, v in m["per_type"].items()},
-            "n_per_type": {k: v["n"] for k, v in m["per_type"].items()}, "average": m["average"],
-            "unparsable": m["unparsable"], "perplexity": diag.get("perplexity"), "kl_response": diag.get("kl_response"),
+            "steps": row.steps, "per_type": {k: v["accuracy"] for k, v in scores["per_type"].items()},
+            "n_per_type": {k: v["n"] for k, v in scores["per_type"].items()}, "average": scores["average"],
+            "unparsable": scores["unparsable"], "perplexity": diag.get("perplexity"),
+            "kl_response": diag.get("kl_response"),
         })
     results["seconds"] = {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}
 

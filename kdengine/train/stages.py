@@ -239,12 +239,13 @@ def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: 
             for k in range(len(micro) // plan.accum):
                 step = first + k + 1  # optimizer steps done after this one
                 lr = engine.get_lr()[0]
-                t = time.perf_counter()
+                t_step = time.perf_counter()
                 step_batches = [next(batches) for _ in range(plan.accum)]
                 terms, tokens, gnorm = train_step(engine, step_batches, parts.teacher, parts.share)
                 record = None
                 if step % cfg.run.log_every == 0 or step == plan.total_steps:
-                    record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, time.perf_counter() - t, dist)
+                    seconds = time.perf_counter() - t_step
+                    record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist)
                     session.log.write(record)
                     last = record["loss"]
                 progress.update(record, 1)
