@@ -15,10 +15,11 @@ import torch
 from helpers import assert_close
 
 pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
 from datasets import Dataset  # noqa: E402  (trl's dependency)
-from tokenizers import Tokenizer, models  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
+
+from benchmarks.compat_trl import (  # noqa: E402
+    collate_prompt_completion, prompt_completion_rows, tiny_causal_lm, word_tokenizer)
 
 from kdengine.compat.trl import KDEngineGKDTrainer, generalized_jsd_from_hidden  # noqa: E402
 from kdengine.losses import fused_linear_divergence  # noqa: E402
@@ -134,49 +135,11 @@ def test_vocab_mismatch_is_refused_as_trl_does():
 TV = 67  # trainer vocabulary: <pad> = 0, eos = 1, tokens 2..66
 
 
-def tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, TV)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
-def causal_lm(seed, hidden, **extra):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=TV, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.2,
-                                   **extra)
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
 def dataset():
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        n_prompt, n_completion = (int(torch.randint(2, 6, (1,), generator=g)) for _ in range(2))
-        rows.append({"prompt_ids": torch.randint(2, TV, (n_prompt,), generator=g).tolist(),
-                     "completion_ids": torch.randint(2, TV, (n_completion,), generator=g).tolist()})
-    return Dataset.from_list(rows)
+    return Dataset.from_list(prompt_completion_rows(8, TV, (2, 6), (2, 6)))
 
 
-def collate(batch):
-    """Right-padded prompt+completion with labels on the completion; left-padded prompts for generate."""
-    width = max(len(b["prompt_ids"]) + len(b["completion_ids"]) for b in batch)
-    p_width = max(len(b["prompt_ids"]) for b in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    prompts = torch.zeros(len(batch), p_width, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompts)
-    for i, b in enumerate(batch):
-        seq, n_p = b["prompt_ids"] + b["completion_ids"], len(b["prompt_ids"])
-        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        labels[i, n_p: len(seq)] = torch.tensor(b["completion_ids"])
-        prompts[i, p_width - n_p:], prompt_mask[i, p_width - n_p:] = torch.tensor(b["prompt_ids"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompts": prompts,
-            "prompt_attention_mask": prompt_mask}
-
-
-STUDENT, TEACHER = causal_lm(0, 32), causal_lm(1, 48)
+STUDENT, TEACHER = tiny_causal_lm(0, TV, 32), tiny_causal_lm(1, TV, 48)
 
 
 def train(trainer_cls, dtype, tmp_path, steps=3, bf16=False, **config):
@@ -197,7 +160,7 @@ def train(trainer_cls, dtype, tmp_path, steps=3, bf16=False, **config):
                      save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, max_new_tokens=3,
                      logging_steps=100, bf16=bf16, **config)
     trainer = Recorded(model=student, teacher_model=teacher, args=args, train_dataset=dataset(),
-                       processing_class=tokenizer(), data_collator=collate,
+                       processing_class=word_tokenizer(TV), data_collator=collate_prompt_completion,
                        optimizers=(torch.optim.SGD(student.parameters(), lr=0.5), None))
     random.seed(0)  # GKDTrainer draws on-policy steps with random.random()
     trainer.train()
@@ -227,9 +190,10 @@ def test_trainer_under_bf16_autocast(tmp_path):
 
 
 def test_trainer_refuses_post_processed_logits(tmp_path):
-    student = causal_lm(0, 32)
+    student = tiny_causal_lm(0, TV, 32)
     student.config.final_logit_softcapping = 30.0
     args = GKDConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, lmbda=0.0)
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0"):
         KDEngineGKDTrainer(model=student, teacher_model=copy.deepcopy(TEACHER), args=args,
-                           train_dataset=dataset(), processing_class=tokenizer(), data_collator=collate)
+                           train_dataset=dataset(), processing_class=word_tokenizer(TV),
+                           data_collator=collate_prompt_completion)
