@@ -1,19 +1,26 @@
-"""One DFT training step: kdengine's fused objective vs full logits through the HF head (naive).
+"""One DFT training step: kdengine's fused objective vs full logits through the HF head (naive),
+and the same step with the teacher cached (kdengine.cache) instead of in memory.
 
-    python -m benchmarks.train_step [--repeats 3]
+    python -m benchmarks.train_step [--repeats 3] [--impls naive,kdengine,sft,cached_hidden,cached_topk64]
 
 Both sides run the same tiny teacher and student (SigLIP + Qwen2 from config) with a real Qwen
 vocabulary (V = 151,936), a batch of 4 samples each with 64 visual and 64 response tokens, and
 do: teacher forward (no grad), student forward, CE + L_res + L_vis + L_rel, backward, AdamW step
 (projector + language model trainable, as in DFT). The naive side computes
 ``model(...).logits`` for both models and the KL / Gram losses from them, as the public LLaVA-KD
-code does. Each side runs in a fresh process; rows go to benchmarks/results/train_step.csv.
+code does. ``sft`` is the student-only CE step (no teacher: the memory floor a cached step aims at).
+``cached_hidden`` / ``cached_topk64`` write the teacher's cache of the batch first (not timed), drop
+the teacher, and then each step reads the batch's rows from the memory-mapped cache (timed) and runs
+the same fused losses (hidden: exact) or the top-k objective (k = 64). Each side runs in a fresh
+process; rows go to benchmarks/results/train_step.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 
 import torch
@@ -89,12 +96,57 @@ def naive_loss(teacher, student, batch, p):
     return ce + kl(resp) + kl(vis) + 0.5 * rel
 
 
+def sft_loss(teacher, student, batch, p):
+    from kdengine.losses import DistillSettings, LossWeights, llava_kd_loss
+    from kdengine.model.forward import distill_forward
+
+    return llava_kd_loss(distill_forward(student, batch), None, LossWeights(), DistillSettings())[0]
+
+
+def cached_loss(mode, k=64):
+    """A loss closure over a cache of ``batch`` written by the teacher into a temporary directory."""
+    from kdengine.cache import CacheSettings, CachedCollator, CachedTeacher, IndexedDataset, TeacherCacheReader
+    from kdengine.cache import topk_kd_loss, write_teacher_cache
+    from kdengine.data import LlavaCollator
+    from kdengine.losses import DistillSettings, LossWeights, llava_kd_loss
+    from kdengine.model.forward import distill_forward
+
+    state = {}
+
+    def setup(teacher, batch, p):
+        samples = [{"id": str(b), "input_ids": batch["input_ids"][b], "labels": batch["labels"][b],
+                    "pixel_values": batch["pixel_values"][b:b + 1]} for b in range(batch["input_ids"].shape[0])]
+        collator = LlavaCollator(-1, teacher.config.image_token_id, p)
+        out = tempfile.mkdtemp(prefix="kdengine_bench_cache_")
+        atexit.register(shutil.rmtree, out, True)
+        settings = CacheSettings(mode=mode, k=k, batch_size=len(samples))
+        write_teacher_cache(teacher, samples, collator, out, settings, {}, log=lambda *_: None)
+        reader = TeacherCacheReader(out)
+        state.update(data=IndexedDataset(samples), collate=CachedCollator(collator, reader),
+                     teacher=CachedTeacher(reader))
+
+    def loss(teacher, student, batch, p):
+        data = state["data"]
+        batch = state["collate"]([data[i] for i in range(len(data))])  # reads the rows from the shards
+        t_out = state["teacher"].outputs(batch)
+        s_out = distill_forward(student, batch)
+        fn = llava_kd_loss if mode == "hidden" else topk_kd_loss
+        return fn(s_out, t_out, LossWeights(), DistillSettings(), p)[0]
+
+    return setup, loss
+
+
 def worker(spec):
     torch.manual_seed(0)
     teacher, student, batch, p = build()
     params = [q for q in student.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = fused_loss if spec["impl"] == "kdengine" else naive_loss
+    loss_fn = {"kdengine": fused_loss, "naive": naive_loss, "sft": sft_loss}.get(spec["impl"])
+    if spec["impl"].startswith("cached_"):
+        setup, loss_fn = cached_loss("hidden") if spec["impl"] == "cached_hidden" else cached_loss("topk", 64)
+        setup(teacher, batch, p)
+    if spec["impl"] in ("sft", "cached_hidden", "cached_topk64"):
+        teacher = None  # not in memory: the loss never reads it
     grad_bytes = sum(q.numel() * q.element_size() for q in params)
     losses = []
 
@@ -115,6 +167,9 @@ def worker(spec):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--impls", default="naive,kdengine,sft,cached_hidden,cached_topk64",
+                    help="comma-separated sides to run (naive first: the ratios are against it)")
+    ap.add_argument("--no-csv", action="store_true", help="print only (smoke runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -122,18 +177,21 @@ def main(argv=None):
         return
     info = env_info()
     rows = []
-    for impl in ("naive", "kdengine"):
+    for impl in args.impls.split(","):
         res = run_isolated("benchmarks.train_step", dict(impl=impl, repeats=args.repeats))
         rows.append(dict(impl=impl, ms=res["ms"], work_mb=res["work_mb"], first_loss=res["first_loss"],
                          shape=f"B{SHAPE['batch']} vis{SHAPE['visual']} resp{SHAPE['response']} V{QWEN_VOCAB}",
                          dtype="float32", **info))
         print(f"  {impl:9s} {res['ms']:8.0f} ms/step  peak working memory {res['work_mb']:.0f} MB", flush=True)
-    naive = rows[0]
+    naive = rows[0]  # the first side listed
     for r in rows:
         r["speedup"] = naive["ms"] / r["ms"]
         r["mem_ratio"] = naive["work_mb"] / r["work_mb"]
     print_table(rows, ["impl", "ms", "work_mb", "speedup", "mem_ratio", "first_loss"],
-                title=f"DFT step (fwd teacher+student, 4 loss terms, bwd, AdamW), {info['device']}")
+                title=f"DFT step (fwd teacher+student, 4 loss terms, bwd, AdamW), {info['device']}; "
+                      f"ratios against {rows[0]['impl']}; sft = student CE only; cached_* = teacher from kdengine.cache")
+    if args.no_csv:
+        return
     path = append_csv("train_step.csv", [{k: r[k] for k in ("date", "commit", "device", "torch", "impl", "shape",
                                                            "dtype", "ms", "work_mb")} for r in rows])
     print(f"\nappended {len(rows)} rows to {path}")
