@@ -8,7 +8,7 @@ Input: JSONL, one object per sample of the stage's dataset, in any order::
                                       the distribution at position i is over token i + 1
      "top_ids": [[5, 9, 2], ...],     per position up to k token ids, no id twice
      "top_logprobs": [[-0.1, -2.5, -3.0], ...]}   their log-probabilities at the stage's temperature,
-                                      highest first, each <= 0 and finite
+                                      highest first, each <= 0 (-inf allowed: no mass)
 
 ``positions`` must be exactly the sample's response positions (labels[i + 1] != -100, what an
 inference server's prompt log-probabilities give), or those plus its visual (image-token)
@@ -18,7 +18,7 @@ so a stage reading it needs weights.rel = 0 (and weights.vis = 0 without visual 
 
 Errors name the line and record id: invalid JSON, a missing field, an unknown or repeated
 sample, positions that differ from the tokenization, ragged lists, more than k entries, an id
-out of the vocabulary or repeated in one position, a positive or non-finite log-probability,
+out of the vocabulary or repeated in one position, a positive or NaN log-probability,
 entries not sorted by log-probability, or a position whose probabilities sum above 1.
 """
 
@@ -161,7 +161,7 @@ def _check_topk(rec: dict, n: int, k: int, vocab: int, where: str) -> tuple[torc
     srt = ids.masked_fill(~valid, vocab + 1).sort(-1).values
     checks = (
         (valid & ((ids < 0) | (ids >= vocab)), f"token id outside [0, {vocab})"),
-        (valid & ~torch.isfinite(lps), "log-probability is not finite"),
+        (valid & torch.isnan(lps), "log-probability is NaN"),
         (valid & (lps > 0), "log-probability is positive (expected log p <= 0)"),
         (valid[:, 1:] & (lps[:, 1:] > lps[:, :-1]), "entries are not sorted by log-probability, highest first"),
         ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] <= vocab), "a token id appears twice"),

@@ -220,6 +220,15 @@ class CachedTeacher:
         self.mode = reader.manifest.mode
         self.lm_head_weight = reader.head(self.device)[0] if self.mode == "hidden" else None
 
+    def check_student(self, student_vocab: int) -> None:
+        """A top-k cache's softmax and Gram rows must be the student's lm_head rows (the student's
+        log-sum-exp runs over all of them); a hidden cache needs nothing (the losses take min(V, Vt))."""
+        rows = self.reader.manifest.teacher["vocab_rows"]
+        if self.mode == "topk" and rows != student_vocab:
+            raise CacheError(f"teacher cache {self.reader.directory!r} holds a softmax over {rows} vocabulary rows "
+                             f"but the student has {student_vocab} lm_head rows; expected equal (write the cache "
+                             f"with vocab_rows: {student_vocab})")
+
     def outputs(self, batch: dict):
         from kdengine.model import DistillOutputs
 
