@@ -17,15 +17,16 @@ def _online(m, l, z):
 
 @triton.jit
 def _div_terms(s, t, beta, LOG_FLOOR: tl.constexpr, DIV: tl.constexpr):
-    """Elementwise loss terms and gradient factor h (see kdengine/losses/divergences.py)."""
+    """Elementwise loss terms and gradient factor h (see kdengine/losses/divergences.py): finite
+    teacher log-probabilities are used exactly; masked (-inf) ones enter the log-ratios as LOG_FLOOR."""
     p_s = tl.exp(s)
     p_t = tl.exp(t)
-    t_floor = tl.maximum(t, LOG_FLOOR)
+    t_log = tl.where(t > -1e37, t, LOG_FLOOR)
     if DIV == 0:
-        elem = tl.where(p_t > 0, p_t * (t_floor - s), 0.0)
+        elem = tl.where(p_t > 0, p_t * (t_log - s), 0.0)
         h = p_s  # unused: forward_kl has dL/dz = p_s - p_t
     elif DIV == 1:
-        h = s - t_floor
+        h = s - t_log
         elem = p_s * h
     elif DIV == 5:
         elem = 0.5 * tl.abs(p_t - p_s)

@@ -15,9 +15,12 @@ student logits z_s (at temperature T, i.e. z_s = raw / T) is
 so a backward pass needs only per-row statistics (log-sum-exps and ``c``) plus one recomputation of
 each logits block. No T^2 factor is applied anywhere (multiply the loss yourself if you want it).
 
-Log-ratio convention: inside ``log(p_t)`` terms the teacher log-probability is floored at
-``LOG_FLOOR = log(smallest normal fp32)`` (about -87.3), so a masked teacher entry costs the reverse
-divergences a large finite penalty instead of ``inf``. Terms weighted by ``p_t = 0`` are exactly 0.
+Log-ratio convention: every finite teacher log-probability is used exactly, also where p_t
+underflows (t = z_t / T - LSE_t is finite in log space). Only masked vocabulary entries (teacher
+logit -inf; the torch path clamps those to -1e38, so any t <= MASKED_BELOW counts as masked) are
+exact zeros of p_t: terms weighted by p_t are 0 there, and in the log-ratio terms of the reverse
+divergences their log p_t is taken as ``LOG_FLOOR = log(smallest normal fp32)`` (about -87.3), a
+large finite penalty instead of ``inf``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ import torch
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 BETA_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl")
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+MASKED_BELOW = -1e37  # a teacher log-probability at or below this is a masked vocabulary entry
+
+
+def teacher_log_ratio(t: torch.Tensor) -> torch.Tensor:
+    """t for the log-ratio terms: exact where finite, LOG_FLOOR at masked entries."""
+    return torch.where(t > MASKED_BELOW, t, torch.full((), LOG_FLOOR, dtype=t.dtype, device=t.device))
 
 
 def _log_mix(a: torch.Tensor, b: torch.Tensor, beta: float) -> torch.Tensor:
@@ -47,20 +56,20 @@ def divergence_terms(
     """Elementwise loss terms and gradient factor of one block.
 
     Args:
-        s: [BN, BV] fp32 student log-probabilities (finite).
-        t: [BN, BV] fp32 teacher log-probabilities (may hold -inf).
+        s: [BN, BV] student log-probabilities (finite), fp32 or float64.
+        t: [BN, BV] teacher log-probabilities (masked entries: -inf or <= MASKED_BELOW).
     Returns:
         elem: [BN, BV], the row loss is ``elem.sum(-1)`` over all blocks.
         h: [BN, BV] gradient factor (see module docstring), ``None`` for forward_kl or if not need_h.
     """
     p_s = s.exp()
     p_t = t.exp()
-    t_floor = t.clamp_min(LOG_FLOOR)
+    t_log = teacher_log_ratio(t)
     h = None
     if divergence == "forward_kl":
-        elem = _times_pos(p_t, t_floor - s)
+        elem = _times_pos(p_t, t_log - s)
     elif divergence == "reverse_kl":
-        diff = s - t_floor
+        diff = s - t_log
         elem = p_s * diff
         h = diff
     elif divergence == "jsd":
@@ -77,6 +86,7 @@ def divergence_terms(
         elem = p_s * ratio
         h = ratio - beta * ratio.exp() if need_h else None
     elif divergence == "tvd":
+        # subgradient at a tie p_s == p_t: 0 (torch.sign(0) = 0), in every impl
         elem = 0.5 * (p_t - p_s).abs()
         h = 0.5 * torch.sign(p_s - p_t) if need_h else None
     else:  # validated by the caller; kept as a guard for direct use
@@ -98,8 +108,14 @@ def divergence_grad(
 # ----------------------------------------------------------------------------------------------
 # per-row epilogue: [N] statistics -> outputs, and output grads -> [N] coefficients
 # ----------------------------------------------------------------------------------------------
-def as_f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of an input dtype: float64 stays float64, everything else computes in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_compute(x: torch.Tensor) -> torch.Tensor:
+    """x in its compute dtype (fp32, or float64 for float64 inputs); no copy when it already is."""
+    return x if x.dtype == compute_dtype(x.dtype) else x.float()
 
 
 def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -115,22 +131,23 @@ def finish_rows(rows_loss, lse_c, z_label, weight, labels, ignore_index, reducti
 
     rows_loss, lse_c, z_label: [N] fp32. ce = mean over rows with label != ignore_index (0 if none).
     """
-    w_rows = as_f32(weight.detach()) if weight is not None else None
+    w_rows = weight.detach().to(rows_loss.dtype) if weight is not None else None
     div = reduce_rows(rows_loss * w_rows if w_rows is not None else rows_loss, reduction)
     if labels is None:
-        return div, torch.zeros((), device=rows_loss.device), w_rows, None, None
+        return div, rows_loss.new_zeros(()), w_rows, None, None
     valid = labels != ignore_index
     n_valid = valid.sum().clamp_min(1)
     ce = torch.where(valid, lse_c - z_label, 0.0).sum() / n_valid
     return div, ce, w_rows, valid, n_valid
 
 
-def row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid):
-    """d(output)/d(row divergence) and d(output)/d(row CE) as [N] fp32 vectors (CE: None without labels)."""
-    coef_div = grad_div.float().expand(n)
+def row_coefficients(grad_div, grad_ce, n, reduction, w_rows, valid, n_valid, dtype=torch.float32):
+    """d(output)/d(row divergence) and d(output)/d(row CE) as [N] vectors of ``dtype`` (CE: None without labels)."""
+    grad_div, grad_ce = grad_div.to(dtype), grad_ce.to(dtype)
+    coef_div = grad_div.expand(n)
     if reduction == "mean":
         coef_div = coef_div / max(n, 1)
     if w_rows is not None:
         coef_div = coef_div * w_rows
-    coef_ce = grad_ce.float() * valid / n_valid if valid is not None else None
+    coef_ce = grad_ce * valid / n_valid if valid is not None else None
     return coef_div, coef_ce

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdengine.losses.divergences import as_f32, divergence_grad, divergence_terms, finish_rows, row_coefficients
+from kdengine.losses.divergences import as_compute, compute_dtype, divergence_grad, divergence_terms, finish_rows, row_coefficients
 
 # Number of [BN, BV] fp32 temporaries alive at once in a block step (measured: see benchmarks/losses.py).
 _BLOCK_TEMPORARIES = 6
@@ -55,22 +55,23 @@ class _Logits:
         self.budget = cache_bytes
         self.cache: dict = {}
         rows = max(1, min(plan.rows, xs.shape[0]))
-        self.buf_s = torch.empty(rows * plan.cols, device=xs.device)
-        self.buf_t = torch.empty(rows * plan.cols, device=xs.device)
+        dtype = compute_dtype(xs.dtype)
+        self.buf_s = torch.empty(rows * plan.cols, device=xs.device, dtype=dtype)
+        self.buf_t = torch.empty(rows * plan.cols, device=xs.device, dtype=dtype)
 
     def _mm(self, x_r, w, b, v0, v1, key, buf):
         if key in self.cache:
             return self.cache[key], False
-        w_blk = as_f32(w[v0:v1]).T
-        nbytes = x_r.shape[0] * (v1 - v0) * 4
+        w_blk = as_compute(w[v0:v1]).T
+        nbytes = x_r.shape[0] * (v1 - v0) * x_r.element_size()
         if nbytes <= self.budget:
             self.budget -= nbytes
-            out = self.cache[key] = torch.empty(x_r.shape[0], v1 - v0, device=x_r.device)
+            out = self.cache[key] = torch.empty(x_r.shape[0], v1 - v0, device=x_r.device, dtype=x_r.dtype)
         else:
             out = buf[: x_r.shape[0] * (v1 - v0)].view(x_r.shape[0], v1 - v0)
         if b is None:
             return torch.mm(x_r, w_blk, out=out), True
-        return torch.addmm(as_f32(b[v0:v1]), x_r, w_blk, out=out), True
+        return torch.addmm(as_compute(b[v0:v1]), x_r, w_blk, out=out), True
 
     def get(self, r0, xs_r, xt_r, v0, v1, writable=False):
         """writable=True (last use, in backward): cached blocks are handed over and forgotten."""
@@ -93,12 +94,12 @@ class _Online:
     accumulators rescaled on every max update: ``acc`` [BN] (sum e * value) and ``mat`` [BN, D]
     (sum e W rows). ``e`` lives in a scratch buffer reused across blocks."""
 
-    def __init__(self, rows: int, cols: int, device, d: int | None = None):
-        self.m = torch.full((rows,), -math.inf, device=device)
-        self.l = torch.zeros(rows, device=device)
-        self.acc = torch.zeros(rows, device=device)
-        self.mat = torch.zeros(rows, d, device=device) if d is not None else None
-        self.buf = torch.empty(rows * cols, device=device)
+    def __init__(self, rows: int, cols: int, device, dtype, d: int | None = None):
+        self.m = torch.full((rows,), -math.inf, device=device, dtype=dtype)
+        self.l = torch.zeros(rows, device=device, dtype=dtype)
+        self.acc = torch.zeros(rows, device=device, dtype=dtype)
+        self.mat = torch.zeros(rows, d, device=device, dtype=dtype) if d is not None else None
+        self.buf = torch.empty(rows * cols, device=device, dtype=dtype)
 
     def update(self, z, scale_z: float = 1.0, value=None, w_blk=None):
         """z [BN, BV] logits (softmax of z * scale_z); value [BN, BV] scratch, accumulated as sum e * value."""
@@ -123,6 +124,12 @@ class _Online:
     def lse(self) -> torch.Tensor:
         return self.m + self.l.log()
 
+    def shift_and_log_sum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, log l) with lse = m + log l. Log-probabilities taken as (z - m) - log l keep the
+        dominant entries exact: z - m is exact near the max, where z - lse would carry lse's
+        rounding (|lse| eps, large for large logits) into every entry."""
+        return self.m.nan_to_num(neginf=0.0), self.l.log()
+
 
 def _label_hits(lab_r, v0, v1):
     """(inside [BN] bool, column index [BN] long) of each row's label within block [v0, v1)."""
@@ -134,10 +141,12 @@ def _label_hits(lab_r, v0, v1):
 class _RowStats:
     """Per-row [N] statistics the backward needs, and its output-grad coefficients."""
 
-    lse_s: torch.Tensor
-    lse_t: torch.Tensor
-    lse_c: torch.Tensor
-    c: torch.Tensor
+    m_s: torch.Tensor      # student softmax at T: shift (running max) and log-sum, lse_s = m_s + ll_s
+    ll_s: torch.Tensor
+    m_t: torch.Tensor      # teacher, the same
+    ll_t: torch.Tensor
+    lse_c: torch.Tensor    # CE softmax (T = 1, full V)
+    c: torch.Tensor        # sum_j p_s h (divergences other than forward_kl)
     a_div: torch.Tensor | None = None       # d(output)/d(row divergence) / T
     coef_ce: torch.Tensor | None = None     # d(output)/d(row CE), None without labels
     labels: torch.Tensor | None = None
@@ -163,26 +172,27 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         eager = ctx.needs_input_grad[0] and not head_grad and divergence == "forward_kl"
         # CE statistics need their own softmax unless they coincide with the student's
         separate_ce = has_labels and (inv_t != 1.0 or v != vc)
-        dev = xs.device
+        dev, ct = xs.device, compute_dtype(xs.dtype)
         reuse = divergence != "forward_kl" or (needs_grad and not eager)
         logits = _Logits(xs, ws, bs, xt, wt, bt, inv_t, plan, int(params.cache_mb * 2**20) if reuse else 0)
 
-        lse_s, lse_t, lse_c, rows_loss, rows_c, z_label = (torch.zeros(n, device=dev) for _ in range(6))
-        dx_div = torch.zeros(n, d, device=dev) if eager else None
-        dx_ce = torch.zeros(n, d, device=dev) if eager and has_labels else None
-        diff = torch.empty(plan.rows * plan.cols, device=dev) if divergence == "forward_kl" else None
+        m_s, ll_s, m_t, ll_t, lse_c, rows_loss, rows_c, z_label = (
+            torch.zeros(n, device=dev, dtype=ct) for _ in range(8))
+        dx_div = torch.zeros(n, d, device=dev, dtype=ct) if eager else None
+        dx_ce = torch.zeros(n, d, device=dev, dtype=ct) if eager and has_labels else None
+        diff = torch.empty(plan.rows * plan.cols, device=dev, dtype=ct) if divergence == "forward_kl" else None
 
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
-            xs_r, xt_r = as_f32(xs[r0:r1]), as_f32(xt[r0:r1])
+            xs_r, xt_r = as_compute(xs[r0:r1]), as_compute(xt[r0:r1])
             rows = r1 - r0
-            st_s = _Online(rows, plan.cols, dev, d if eager else None)
-            st_t = _Online(rows, plan.cols, dev, d if eager else None)
-            st_c = _Online(rows, plan.cols, dev, d if eager else None) if separate_ce else None
+            st_s = _Online(rows, plan.cols, dev, ct, d if eager else None)
+            st_t = _Online(rows, plan.cols, dev, ct, d if eager else None)
+            st_c = _Online(rows, plan.cols, dev, ct, d if eager else None) if separate_ce else None
             lab_r = labels[r0:r1] if has_labels else None
             for v0, v1 in plan.vocab_blocks:
                 zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
-                w_blk = as_f32(ws[v0:v1]) if eager else None
+                w_blk = as_compute(ws[v0:v1]) if eager else None
                 if v0 < vc:
                     value = None
                     if divergence == "forward_kl":  # sum_j e_t (z_t - z_s / T)
@@ -195,60 +205,62 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 if has_labels:
                     inside, idx = _label_hits(lab_r, v0, v1)
                     z_label[r0:r1] += torch.where(inside, zs_raw.gather(1, idx[:, None])[:, 0], 0.0)
-            lse_s[r0:r1] = st_s.lse()
-            lse_t[r0:r1] = st_t.lse()
-            lse_c[r0:r1] = st_c.lse() if st_c is not None else lse_s[r0:r1]
+            m_s[r0:r1], ll_s[r0:r1] = st_s.shift_and_log_sum()
+            m_t[r0:r1], ll_t[r0:r1] = st_t.shift_and_log_sum()
+            lse_c[r0:r1] = st_c.lse() if st_c is not None else st_s.lse()
             if eager:
                 dx_div[r0:r1] = st_s.mat / st_s.l[:, None] - st_t.mat / st_t.l[:, None]
                 if has_labels:
                     src = st_c if st_c is not None else st_s
                     valid = lab_r != params.ignore_index
-                    w_lab = as_f32(ws[torch.where(valid, lab_r, 0).long()])
+                    w_lab = as_compute(ws[torch.where(valid, lab_r, 0).long()])
                     dx_ce[r0:r1] = src.mat / src.l[:, None] - w_lab * valid[:, None]
             if divergence == "forward_kl":
                 # sum_j p_t (t - s) = sum_j p_t (z_t - z_s) + lse_s - lse_t
-                rows_loss[r0:r1] = st_t.acc / st_t.l + lse_s[r0:r1] - lse_t[r0:r1]
+                # (lse_s - lse_t as (m_s - m_t) + (log l_s - log l_t): no cancellation of two large lse)
+                rows_loss[r0:r1] = st_t.acc / st_t.l + (m_s[r0:r1] - m_t[r0:r1]) + (ll_s[r0:r1] - ll_t[r0:r1])
 
-        stats = _RowStats(lse_s, lse_t, lse_c, rows_c)
+        stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c)
         if divergence != "forward_kl":
             _second_pass(plan, n, logits, xs, xt, stats, params, rows_loss)
 
         div, ce, w_rows, valid, n_valid = finish_rows(rows_loss, lse_c, z_label, weight, labels,
                                                       params.ignore_index, params.reduction)
-        ctx.save_for_backward(xs, ws, bs, xt, lse_s, lse_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
-                              dx_div, dx_ce)
+        ctx.save_for_backward(xs, ws, bs, xt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid,
+                              n_valid, dx_div, dx_ce)
         ctx.params, ctx.plan, ctx.eager, ctx.separate_ce = params, plan, eager, separate_ce
         ctx.logits = logits if needs_grad and not eager else None
         return div.to(xs.dtype), ce.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_div, grad_ce):
-        (xs, ws, bs, xt, lse_s, lse_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
+        (xs, ws, bs, xt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
          dx_div, dx_ce) = ctx.saved_tensors
         params, plan = ctx.params, ctx.plan
         n, d = xs.shape
-        coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid)
+        ct = compute_dtype(xs.dtype)
+        coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid, ct)
         if ctx.eager:
             dxs = (coef_div * params.inv_t)[:, None] * dx_div
             if coef_ce is not None:
                 dxs = dxs + coef_ce[:, None] * dx_ce
             return (dxs.to(xs.dtype),) + (None,) * 8
 
-        logits, ctx.logits = ctx.logits, None
+        logits = ctx.logits  # cached blocks are handed over (popped) on use; a second backward recomputes
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dxs = torch.zeros(n, d, device=xs.device) if needs_dx else None
-        dws = torch.zeros(ws.shape, device=ws.device) if needs_dw else None
-        dbs = torch.zeros(ws.shape[0], device=ws.device) if needs_db else None
-        stats = _RowStats(lse_s, lse_t, lse_c, rows_c, coef_div * params.inv_t, coef_ce, labels)
+        dxs = torch.zeros(n, d, device=xs.device, dtype=ct) if needs_dx else None
+        dws = torch.zeros(ws.shape, device=ws.device, dtype=ct) if needs_dw else None
+        dbs = torch.zeros(ws.shape[0], device=ws.device, dtype=ct) if needs_db else None
+        stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c, coef_div * params.inv_t, coef_ce, labels)
         fuse_ce = coef_ce is not None and not ctx.separate_ce  # CE softmax == student softmax: one exp
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
-            xs_r, xt_r = as_f32(xs[r0:r1]), as_f32(xt[r0:r1])
+            xs_r, xt_r = as_compute(xs[r0:r1]), as_compute(xt[r0:r1])
             for v0, v1 in plan.vocab_blocks:
                 zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1, writable=True)
                 g = _dlogits_block(zs_raw, zt, (r0, r1), (v0, v1), plan.vc, stats, params, fuse_ce)
                 if dxs is not None:
-                    dxs[r0:r1].addmm_(g, as_f32(ws[v0:v1]))
+                    dxs[r0:r1].addmm_(g, as_compute(ws[v0:v1]))
                 if dws is not None:
                     dws[v0:v1].addmm_(g.T, xs_r)
                 if dbs is not None:
@@ -256,6 +268,11 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         return (dxs.to(xs.dtype) if dxs is not None else None,
                 dws.to(ws.dtype) if dws is not None else None,
                 dbs.to(bs.dtype) if dbs is not None else None) + (None,) * 6
+
+
+def _log_probs_(z, m, ll, r0, r1):
+    """In place: z [BN, BV] (already / T) -> log-probabilities (z - m) - log l of rows [r0, r1)."""
+    return z.sub_(m[r0:r1, None]).sub_(ll[r0:r1, None])
 
 
 def _dlogits_block(zs_raw, zt, row_range, col_range, vc, stats: _RowStats, params, fuse_ce):
@@ -268,12 +285,12 @@ def _dlogits_block(zs_raw, zt, row_range, col_range, vc, stats: _RowStats, param
     g_ce = torch.exp(zs_raw - stats.lse_c[r0:r1, None]).mul_(c_ce) if c_ce is not None and not fuse_ce else None
     if v0 < vc and params.divergence == "forward_kl":
         # a (p_s - p_t) [+ c_ce p_s]: exp in place, no new [BN, BV] buffer
-        g = zs_raw.mul_(inv_t).sub_(stats.lse_s[r0:r1, None]).exp_()
+        g = _log_probs_(zs_raw.mul_(inv_t), stats.m_s, stats.ll_s, r0, r1).exp_()
         g.mul_(a + c_ce if fuse_ce else a)
-        g.sub_(zt.sub_(stats.lse_t[r0:r1, None]).exp_().mul_(a))
+        g.sub_(_log_probs_(zt, stats.m_t, stats.ll_t, r0, r1).exp_().mul_(a))
     elif v0 < vc:
-        s = zs_raw.mul_(inv_t).sub_(stats.lse_s[r0:r1, None])
-        t = zt.sub_(stats.lse_t[r0:r1, None])
+        s = _log_probs_(zs_raw.mul_(inv_t), stats.m_s, stats.ll_s, r0, r1)
+        t = _log_probs_(zt, stats.m_t, stats.ll_t, r0, r1)
         g = divergence_grad(s, t, stats.c[r0:r1], params.divergence, params.beta).mul_(a)
         if fuse_ce:
             g.add_(s.exp_().mul_(c_ce))
@@ -292,13 +309,13 @@ def _second_pass(plan, n, logits, xs, xt, stats: _RowStats, params, rows_loss):
     """Loss rows and per-row c = sum p_s h (into stats.c) for divergences that need normalised probabilities."""
     for r0 in range(0, n, plan.rows):
         r1 = min(n, r0 + plan.rows)
-        xs_r, xt_r = as_f32(xs[r0:r1]), as_f32(xt[r0:r1])
+        xs_r, xt_r = as_compute(xs[r0:r1]), as_compute(xt[r0:r1])
         for v0, v1 in plan.vocab_blocks:
             if v0 >= plan.vc:
                 break
             zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
-            s = zs_raw * params.inv_t - stats.lse_s[r0:r1, None]
-            t = zt - stats.lse_t[r0:r1, None]
+            s = _log_probs_(zs_raw * params.inv_t, stats.m_s, stats.ll_s, r0, r1)
+            t = _log_probs_(zt.clone(), stats.m_t, stats.ll_t, r0, r1)
             elem, h = divergence_terms(s, t, params.divergence, params.beta)
             rows_loss[r0:r1] += elem.sum(-1)
             stats.c[r0:r1] += torch.linalg.vecdot(s.exp_(), h)

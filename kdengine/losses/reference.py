@@ -12,7 +12,7 @@ import math
 import torch
 
 from kdengine.losses.checks import IGNORE_INDEX
-from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, reduce_rows
+from kdengine.losses.divergences import DIVERGENCES, reduce_rows, teacher_log_ratio
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -55,11 +55,12 @@ def fused_linear_divergence_reference(
 def divergence_rows_reference(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Row divergences [N] from log-probabilities s (student), t (teacher; may hold -inf) [N, V].
 
-    A term weighted by a zero probability is exactly 0; in the KL log-ratios log p_t is floored at
-    LOG_FLOOR (see ``divergences.py``).
+    Log-ratios are taken in log space and exact for every finite teacher entry; a term weighted by
+    a zero probability is exactly 0; masked (-inf) teacher entries enter the reverse log-ratios as
+    LOG_FLOOR (see ``divergences.py``). TVD's subgradient at a tie p_s == p_t is 0.
     """
     p_s, p_t = s.exp(), t.exp()
-    t_floor = t.clamp_min(LOG_FLOOR)
+    t_log = teacher_log_ratio(t)
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
 
     def kl_pos(p, log_p, log_q):  # sum p (log p - log q) with 0 log 0 = 0
@@ -69,9 +70,9 @@ def divergence_rows_reference(s: torch.Tensor, t: torch.Tensor, divergence: str,
         return torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
 
     if divergence == "forward_kl":
-        return kl_pos(p_t, t_floor, s)
+        return kl_pos(p_t, t_log, s)
     if divergence == "reverse_kl":
-        return kl_pos(p_s, s, t_floor)
+        return kl_pos(p_s, s, t_log)
     if divergence in ("jsd", "skew_forward_kl"):
         log_m = log_mix(t, s)
         fwd = kl_pos(p_t, t, log_m)
