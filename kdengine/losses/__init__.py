@@ -1,6 +1,12 @@
-"""Distillation losses: fused vocab-chunked divergences (MDist) and Gram-cosine RDist.
+"""Distillation losses: fused vocab-chunked divergences (MDist), Gram-cosine RDist, and the
+top-k divergence for an offline teacher cache.
 
-    from kdengine.losses import fused_linear_divergence, gram_cosine_loss
+    from kdengine.losses import fused_linear_divergence, gram_cosine_loss, topk_divergence
+
+Each op is laid out the same way: ``<op>.py`` (public function, argument checks, the one
+``impl=`` dispatch), ``<op>_torch.py`` (bounded-memory torch path), ``kdengine/kernels/<op>.py``
+(Triton path), and its materialising reference in ``reference.py``. ``checks.py`` and
+``divergences.py`` are leaves shared by all of them.
 """
 
 from kdengine.losses.divergences import DIVERGENCES
@@ -8,6 +14,7 @@ from kdengine.losses.fused_linear_divergence import fused_linear_divergence
 from kdengine.losses.reference import fused_linear_divergence_reference
 from kdengine.losses.gram_cosine import gram_cosine_loss
 from kdengine.losses.objective import DistillSettings, LossWeights, linear_cross_entropy, llava_kd_loss
+from kdengine.losses.topk_divergence import topk_divergence
 
 __all__ = [
     "DIVERGENCES",
@@ -18,4 +25,5 @@ __all__ = [
     "gram_cosine_loss",
     "linear_cross_entropy",
     "llava_kd_loss",
+    "topk_divergence",
 ]

@@ -32,7 +32,6 @@ from kdengine.losses.checks import GRAM_REDUCTIONS, IMPLS, check_choice, check_d
 from kdengine.losses.gram_cosine_torch import gram_stats_torch
 from kdengine.losses.reference import gram_cosine_stats_reference
 
-REDUCTIONS = GRAM_REDUCTIONS  # TODO(layout): train/config.py still imports IMPLS, REDUCTIONS from here
 _GRAM_CACHE: list = []  # (weakref to weight, version, rows, G), most recent last
 _GRAM_CACHE_SIZE = 4
 
