@@ -2,7 +2,8 @@
 
 Liger runs eagerly (compiled=False) on the same inputs. The truth is Liger in float64; kdengine in
 float32 must be within the project's tolerance of it (tests/helpers.py): ATOL plus 2x the error
-of Liger itself in float32.
+of Liger itself in float32. (Liger takes its CE log-softmax in float32 even for float64 inputs, so
+its CE part is a float32-accurate truth, ~1e-7, well inside the 2e-5 tolerance.)
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0):
     return student, teacher, labels
 
 
-def loss_and_grads(module, case, dtype, grad_out=1.7, **overrides):
+def loss_and_grads(module, case, dtype, grad_out=1.5, **overrides):
+    """(loss, grads of grad_out * loss); 1.5 is exact in float32, the dtype of Liger's loss and its grad_output."""
     (xs, ws, bs), (xt, wt, bt), labels = make_inputs(case, dtype)
     loss = module(xs, ws, xt, wt, labels, bs, bt, **overrides) if overrides else module(xs, ws, xt, wt, labels, bs, bt)
     leaves = [t for t in (xs, ws, bs) if t is not None]
@@ -104,6 +106,26 @@ def test_all_ignored_is_exactly_zero():
     case = Case("all_ignored", ignore=1.0)
     loss, grads = loss_and_grads(kdengine(case), case, torch.float32)
     assert float(loss.detach()) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@pytest.mark.parametrize("part", ["soft", "hard"])
+def test_float64_in_float64_out(part):
+    """float64 inputs are computed in float64 (gradcheck-grade). Liger's soft loss is float64 then;
+    its CE is not (log_softmax in float32), so the CE truth is torch's float64 cross_entropy."""
+    w_hard, w_soft = (0.0, 1.0) if part == "soft" else (1.0, 0.0)
+    case = Case("f64", beta=0.3, ignore=0.3, bias=True, w_hard=w_hard, w_soft=w_soft)
+    if part == "soft":
+        ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
+    else:
+        (xs, ws, bs), _, labels = make_inputs(case, torch.float64)
+        ref = torch.nn.functional.cross_entropy(xs @ ws.T + bs, labels, ignore_index=-100)
+        ref_grads = torch.autograd.grad(ref * 1.5, (xs, ws, bs))
+    got, got_grads = loss_and_grads(kdengine(case), case, torch.float64)
+    assert got.dtype == torch.float64
+    for name, g, r in zip(("loss", "d_student_input", "d_student_weight", "d_student_bias"),
+                          [got, *got_grads], [ref, *ref_grads]):
+        # Liger accumulates its loss in float32 (its gradients in float64)
+        assert_close(name, g, r, torch.float32 if (name == "loss" and part == "soft") else torch.float64)
 
 
 def test_return_soft_hard_loss():
