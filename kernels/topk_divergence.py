@@ -15,7 +15,8 @@ less than the tile's lm_head product.
     backward (_topk_bwd_kernel): dlogits tiles of a vocabulary chunk into a [N, chunk] buffer (the
         only [N, *] intermediate, of bounded width), then dX += G W_chunk, dW_chunk = G^T X,
         db_chunk = sum_n G. A tile finds its run's start by counting the row's ids below it.
-Under TRITON_INTERPRET=1 bf16 tiles are upcast before tl.dot (see ``_tile_logits``).
+Under TRITON_INTERPRET=1 bf16 tiles are upcast before tl.dot (Triton 3.9's interpreter gets bf16
+dots wrong) and small blocks are used.
 """
 
 from __future__ import annotations
@@ -26,11 +27,22 @@ import torch
 import triton
 import triton.language as tl
 
+from kdengine.kernels import interpreting
 from kdengine.kernels.divergence_terms import _online
-from kdengine.kernels.fused_linear_divergence import CHUNK_ELEMS, _blocks, _tile_logits, _upcast
 from kdengine.losses.topk_divergence_torch import PAD_ID, teacher_bins, topk_coefficients, topk_finish
 
 NO_ID = 2**30  # sorted-id sentinel: padding and loads past K; larger than any column
+CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)
+
+
+def _blocks() -> tuple[int, int, int]:
+    """(BN, BV, BD): GPU blocks, and small ones under the CPU interpreter (its cost is per program)."""
+    return (16, 32, 16) if interpreting() else (64, 64, 32)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """bf16 tiles are upcast before tl.dot under the interpreter (Triton 3.9 gets bf16 dots wrong there)."""
+    return interpreting() and dtype == torch.bfloat16
 
 
 @triton.jit
@@ -66,8 +78,16 @@ def _walk_support(p_ids, p_w, p_zk, o_n, m_n, o_v, v_hi, K, ptr, z,
 @triton.jit
 def _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS: tl.constexpr,
                      UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """[BN, BV] fp32 tile of x @ w^T + b."""
-    z = _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_x, stride_w, BD, UPCAST, BN, BV)
+    """[BN, BV] fp32 tile of x @ w^T + b over BD chunks of D; fp32 inputs use exact fp32 products
+    ("ieee", not tf32: the logits feed exp())."""
+    z = tl.zeros((BN, BV), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        b_x = tl.load(p_x + o_n[:, None] * stride_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)
+        b_w = tl.load(p_w + o_v[:, None] * stride_w + o_d[None, :], mask=m_v[:, None] & (o_d < D)[None, :], other=0.0)
+        if UPCAST:
+            b_x, b_w = b_x.to(tl.float32), b_w.to(tl.float32)
+        z = tl.dot(b_x, tl.trans(b_w), z, input_precision="ieee")
     if HAS_BIAS:
         z += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return z
@@ -75,7 +95,7 @@ def _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, H
 
 @triton.jit
 def _topk_fwd_kernel(
-    p_x, p_w, p_b, p_ids, p_labels, p_zk, p_lse, p_lse_out, p_lse_c, p_zlab,
+    p_x, p_w, p_b, p_ids, p_labels, p_zk, p_m, p_ll, p_m_out, p_ll_out, p_lse_c, p_zlab,
     N, V, D, K, inv_t, stride_x, stride_w,
     HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, SEPARATE_CE: tl.constexpr, TAIL: tl.constexpr,
     UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, NO_ID: tl.constexpr,
@@ -108,21 +128,25 @@ def _topk_fwd_kernel(
         if HAS_LABELS:
             hit = (o_v[None, :] == b_lab[:, None]) & m_v[None, :]
             z_lab += tl.sum(tl.where(hit, z, 0.0), axis=1)
-    lse = m_s + tl.log(l_s)
-    tl.store(p_lse + o_n, lse, mask=m_n)
-    if TAIL:
-        tl.store(p_lse_out + o_n, m_o + tl.log(tl.maximum(l_o, 1.0)), mask=m_n)  # l_o >= 1 or m_o = -inf (S = V)
+    # shift and log-sum kept apart (see topk_divergence_torch.py); l >= 1 once a column was seen
+    ll_s = tl.log(tl.maximum(l_s, 1.0))
+    tl.store(p_m + o_n, m_s, mask=m_n)
+    tl.store(p_ll + o_n, ll_s, mask=m_n)
+    if TAIL:  # no column off the support (S = V): shift 0, log-sum -inf
+        tl.store(p_m_out + o_n, tl.where(l_o > 0, m_o, 0.0), mask=m_n)
+        tl.store(p_ll_out + o_n, tl.where(l_o > 0, tl.log(tl.maximum(l_o, 1.0)), float("-inf")), mask=m_n)
     if SEPARATE_CE:
         tl.store(p_lse_c + o_n, m_c + tl.log(l_c), mask=m_n)
     else:
-        tl.store(p_lse_c + o_n, lse, mask=m_n)
+        tl.store(p_lse_c + o_n, m_s + ll_s, mask=m_n)
     if HAS_LABELS:
         tl.store(p_zlab + o_n, z_lab, mask=m_n)
 
 
 @triton.jit
 def _topk_bwd_kernel(
-    p_x, p_w, p_b, p_ids, p_wk, p_labels, p_lse, p_lse_out, p_lse_c, p_mass, p_tau, p_qs, p_a_div, p_coef_ce,
+    p_x, p_w, p_b, p_ids, p_wk, p_labels, p_m, p_ll, p_m_out, p_ll_out, p_lse_c, p_mass, p_tau, p_qs, p_a_div,
+    p_coef_ce,
     p_g, N, V, D, K, inv_t, v_start, v_stop, stride_g, stride_x, stride_w,
     HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, TAIL: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, NO_ID: tl.constexpr,
@@ -137,9 +161,10 @@ def _topk_bwd_kernel(
     v_hi = tl.minimum(tl.minimum(v_lo + BV, v_stop), V)
     m_v = o_v < v_hi
     z = _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS, UPCAST, BN, BV, BD)
-    lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
+    b_m = tl.load(p_m + o_n, mask=m_n, other=0.0)
+    b_ll = tl.load(p_ll + o_n, mask=m_n, other=0.0)
     mass = tl.load(p_mass + o_n, mask=m_n, other=0.0)
-    q = tl.exp(z * inv_t - lse[:, None])
+    q = tl.exp((z * inv_t - b_m[:, None]) - b_ll[:, None])
     # the tile's run of sorted ids starts after the row's ids below v_lo
     o_k = tl.arange(0, BK)
     b_ids = tl.load(p_ids + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=NO_ID)
@@ -147,10 +172,12 @@ def _topk_bwd_kernel(
     on_s, w_col, _ = _walk_support(p_ids, p_wk, p_wk, o_n, m_n, o_v, v_hi, K, ptr, z, True, False, BN, BV, NO_ID)
     g = q * mass[:, None] - w_col
     if TAIL:
-        lse_out = tl.load(p_lse_out + o_n, mask=m_n, other=0.0)
+        m_out = tl.load(p_m_out + o_n, mask=m_n, other=0.0)
+        ll_out = tl.load(p_ll_out + o_n, mask=m_n, other=0.0)
         tau = tl.load(p_tau + o_n, mask=m_n, other=0.0)
         q_s = tl.load(p_qs + o_n, mask=m_n, other=0.0)
-        r = tl.exp(tl.minimum(z * inv_t - lse_out[:, None], 0.0))  # q_j / q_tail off the support (<= 1)
+        # q_j / q_tail off the support (<= 1 there; clamped where it is not used)
+        r = tl.exp(tl.minimum((z * inv_t - m_out[:, None]) - ll_out[:, None], 0.0))
         g += tau[:, None] * tl.where(on_s, q, -q_s[:, None] * r)
     g = g * tl.load(p_a_div + o_n, mask=m_n, other=0.0)[:, None]
     if HAS_LABELS:
@@ -178,10 +205,11 @@ def sort_support(ids: torch.Tensor, *per_id: torch.Tensor):
 def topk_forward_stats(x, w, b, ids_sorted, labels, inv_t, tail, separate_ce):
     """x [N, D], w [V, D], b [V] | None, ids_sorted [N, K] int32 (``sort_support``), labels [N] | None.
     Returns zk [N, K] fp32 raw logits at the ids (NaN where an id matched no column), and fp32 [N]
-    lse (z / T over V), lse_out (off the support; zeros unless tail), lse_c (T = 1), z_label."""
+    m, ll (shift and log-sum of z / T over V), m_out, ll_out (the same off the support; zeros unless
+    tail), lse_c (T = 1), z_label."""
     n, v, k = x.shape[0], w.shape[0], ids_sorted.shape[1]
     zk = torch.full((n, k), math.nan, device=x.device, dtype=torch.float32)
-    out = [torch.zeros(n, device=x.device, dtype=torch.float32) for _ in range(4)]
+    out = [torch.zeros(n, device=x.device, dtype=torch.float32) for _ in range(6)]
     BN, BV, BD = _blocks()
     if n > 0:
         _topk_fwd_kernel[(triton.cdiv(n, BN),)](
@@ -199,12 +227,13 @@ def topk_dlogits(x, w, b, ids_sorted, w_sorted, labels, stats, a_div, coef_ce, i
     n, v, k = x.shape[0], w.shape[0], ids_sorted.shape[1]
     width = v_stop - v_start
     g = out[:, :width]
-    tail = stats.lse_out is not None
-    dummy = stats.lse
+    tail = stats.m_out is not None
+    dummy = stats.m
     BN, BV, BD = _blocks()
     _topk_bwd_kernel[(triton.cdiv(n, BN), triton.cdiv(width, BV))](
         x, w, b if b is not None else x, ids_sorted, w_sorted, labels if labels is not None else ids_sorted,
-        stats.lse, stats.lse_out if tail else dummy, stats.lse_c, stats.mass, stats.tau if tail else dummy,
+        stats.m, stats.ll, stats.m_out if tail else dummy, stats.ll_out if tail else dummy, stats.lse_c,
+        stats.mass, stats.tau if tail else dummy,
         stats.q_support if tail else dummy, a_div, coef_ce if coef_ce is not None else dummy,
         g, n, v, x.shape[1], k, inv_t, v_start, v_stop, g.stride(0), x.stride(0), w.stride(0),
         HAS_BIAS=b is not None, HAS_LABELS=labels is not None, TAIL=tail, UPCAST=_upcast(x.dtype),
@@ -229,10 +258,10 @@ class TopkDivergenceTriton(torch.autograd.Function):
         separate_ce = labels is not None and params.temperature != 1.0
         ids_sorted, lp_sorted = sort_support(ids, logprobs)
         bins = teacher_bins(ids_sorted == NO_ID, lp_sorted, params.tail)
-        zk, lse, lse_out, lse_c, z_label = topk_forward_stats(xs, ws, bs, ids_sorted, labels, params.inv_t, tail,
-                                                              separate_ce)
-        div, ce, (stats, *rest) = topk_finish(zk, lse, lse_out if tail else None, lse_c, z_label, bins, weight,
-                                              labels, params)
+        zk, m, ll, m_out, ll_out, lse_c, z_label = topk_forward_stats(xs, ws, bs, ids_sorted, labels, params.inv_t,
+                                                                      tail, separate_ce)
+        div, ce, (stats, *rest) = topk_finish(zk, m, ll, (m_out, ll_out) if tail else None, lse_c, z_label, bins,
+                                              weight, labels, params)
         ctx.save_for_backward(xs, ws, bs, ids_sorted, bins.w.contiguous(), labels, *rest)
         ctx.params, ctx.stats = params, stats
         return div.to(xs.dtype), ce.to(xs.dtype)

@@ -1,11 +1,14 @@
 """torch path of ``topk_divergence`` and the row algebra both fast paths share.
 
 Notation of one row (z = raw student logits x W^T + b over the full vocabulary V, T the temperature):
-    q_j = softmax(z / T)_j,  lse = LSE_j(z_j / T),  lq_k = z_{id_k} / T - lse      (student)
+    q_j = softmax(z / T)_j,  lse = LSE_j(z_j / T) = m + log l,  lq_k = (z_{id_k} / T - m) - log l
+    (the running max m and the log-sum log l are kept apart: z / T - m is exact near the max, where
+    z / T - lse would carry lse's rounding into every entry)                          (student)
     S = the row's top-k ids (padding excluded),  w_k = the teacher weight of entry k     (teacher)
     renormalise:  w_k = p_k / sum_k p_k,  tau = 0
     tail:         w_k = p_k,  tau = max(0, 1 - sum_k p_k) the teacher's leftover mass,
                   q_tail = sum_{j not in S} q_j = exp(lse_out - lse), lse_out = LSE over j not in S
+                  (= m_out + log l_out; log l_out = -inf when S is all of V)
     row loss  L = sum_k w_k (log w_k - lq_k) + [tail bin] tau (log tau - log q_tail)
 The tail bin is used when tau > 0 and S is not the whole vocabulary. ``lse_out`` is streamed over
 the columns outside S (never 1 - sum q, which cancels when the student puts its mass on S).
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdengine.losses.divergences import as_f32, finish_rows, row_coefficients
+from kdengine.losses.divergences import as_compute, compute_dtype, finish_rows, row_coefficients
 from kdengine.losses.fused_linear_divergence_torch import BlockPlan, _label_hits, _Online
 
 PAD_ID = -1  # a teacher_ids entry of -1 is padding: its log-probability is not read
@@ -35,7 +38,7 @@ PAD_ID = -1  # a teacher_ids entry of -1 is padding: its log-probability is not 
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TeacherBins:
-    """Teacher side of the per-row loss, fp32: w [N, K] (0 on padding), pad [N, K] bool, and [N]
+    """Teacher side of the per-row loss (compute dtype): w [N, K] (0 on padding), pad [N, K] bool, and [N]
     mass = sum_k w_k, tau (0 under renormalise), const = sum_k w_k log w_k + tau log tau."""
 
     w: torch.Tensor
@@ -46,9 +49,9 @@ class TeacherBins:
     tau_log_tau: torch.Tensor
 
 
-def teacher_bins(pad: torch.Tensor, logprobs: torch.Tensor, tail: str) -> TeacherBins:
-    """pad [N, K] bool, logprobs [N, K] log p_t (any float dtype) -> TeacherBins."""
-    lp = as_f32(logprobs).masked_fill(pad, -math.inf)
+def teacher_bins(pad: torch.Tensor, logprobs: torch.Tensor, tail: str, dtype=torch.float32) -> TeacherBins:
+    """pad [N, K] bool, logprobs [N, K] log p_t (any float dtype) -> TeacherBins in ``dtype``."""
+    lp = logprobs.to(dtype).masked_fill(pad, -math.inf)
     log_mass = torch.logsumexp(lp, -1)  # -inf for an all-padding row
     if tail == "renormalise":
         lw = torch.where(torch.isfinite(log_mass)[:, None], lp - log_mass[:, None], -math.inf)
@@ -64,27 +67,31 @@ def teacher_bins(pad: torch.Tensor, logprobs: torch.Tensor, tail: str) -> Teache
 
 @dataclass
 class TopkRowStats:
-    """Per-row [N] fp32 statistics the backward needs (lse_out/tau/q_support: tail policy only)."""
+    """Per-row [N] statistics the backward needs (m_out/ll_out/tau/q_support: tail policy only)."""
 
-    lse: torch.Tensor
-    lse_c: torch.Tensor
+    m: torch.Tensor                        # student softmax at T: lse = m + ll
+    ll: torch.Tensor
+    lse_c: torch.Tensor                    # CE softmax (T = 1)
     mass: torch.Tensor
-    lse_out: torch.Tensor | None = None
+    m_out: torch.Tensor | None = None      # the same over the columns off the support
+    ll_out: torch.Tensor | None = None
     tau: torch.Tensor | None = None        # tau where the tail bin is used, else 0
     q_support: torch.Tensor | None = None  # Q = sum_{k in S} q_k
 
 
-def topk_finish(zk, lse, lse_out, lse_c, z_label, bins: TeacherBins, weight, labels, params):
-    """zk [N, K] raw student logits at the ids (NaN where an id matched no column) and [N] lse,
-    lse_out (None under renormalise), lse_c, z_label -> (div, ce, saved) with saved =
-    (TopkRowStats, w_rows, valid, n_valid) for ``topk_coefficients``."""
-    lq = zk * params.inv_t - lse[:, None]
+def topk_finish(zk, m, ll, out, lse_c, z_label, bins: TeacherBins, weight, labels, params):
+    """zk [N, K] raw student logits at the ids (NaN where an id matched no column), [N] m, ll (the
+    student's shift and log-sum at T), out = (m_out, ll_out) off the support or None (renormalise),
+    lse_c, z_label -> (div, ce, saved), saved = (TopkRowStats, w_rows, valid, n_valid)."""
+    lq = (zk * params.inv_t - m[:, None]) - ll[:, None]
     rows = bins.w_log_w - torch.where(bins.w > 0, bins.w * lq, 0.0).sum(-1)
-    stats = TopkRowStats(lse, lse_c, bins.mass)
-    if lse_out is not None:
-        used = (bins.tau > 0) & (lse_out > -math.inf)
-        rows = rows + torch.where(used, bins.tau_log_tau - bins.tau * (lse_out - lse), 0.0)
-        stats.lse_out = lse_out
+    stats = TopkRowStats(m, ll, lse_c, bins.mass)
+    if out is not None:
+        m_out, ll_out = out
+        used = (bins.tau > 0) & (ll_out > -math.inf)
+        log_q_tail = (m_out - m) + (ll_out - ll)
+        rows = rows + torch.where(used, bins.tau_log_tau - bins.tau * log_q_tail, 0.0)
+        stats.m_out, stats.ll_out = m_out, ll_out
         stats.tau = torch.where(used, bins.tau, 0.0)
         stats.q_support = torch.where(bins.pad, 0.0, lq.exp()).sum(-1)
     div, ce, w_rows, valid, n_valid = finish_rows(rows, lse_c, z_label, weight, labels, params.ignore_index,
@@ -92,9 +99,9 @@ def topk_finish(zk, lse, lse_out, lse_c, z_label, bins: TeacherBins, weight, lab
     return div, ce, (stats, w_rows, valid, n_valid)
 
 
-def topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid):
+def topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid, dtype=torch.float32):
     """(a_div [N] = d(output)/d(row loss) / T, coef_ce [N] or None): the chain rule through z / T."""
-    coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid)
+    coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid, dtype)
     return coef_div * params.inv_t, coef_ce
 
 
@@ -102,9 +109,9 @@ def topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid):
 # torch path: bounded [BN, BV] logits blocks
 # ----------------------------------------------------------------------------------------------
 def _block_logits(x_r, w, b, v0, v1):
-    """[BN, v1 - v0] fp32 raw logits of one block."""
-    w_blk = as_f32(w[v0:v1]).T
-    return x_r @ w_blk if b is None else torch.addmm(as_f32(b[v0:v1]), x_r, w_blk)
+    """[BN, v1 - v0] raw logits of one block in x_r's (compute) dtype."""
+    w_blk = as_compute(w[v0:v1]).T
+    return x_r @ w_blk if b is None else torch.addmm(as_compute(b[v0:v1]), x_r, w_blk)
 
 
 def _support_cols(ids_r, v0, v1):
@@ -122,30 +129,30 @@ def _on_support(col, bn, bv):
 class TopkDivergenceFunction(torch.autograd.Function):
     """torch path. forward(xs [N, D], ws [V, D], bs [V] | None, ids [N, K] int, logprobs [N, K],
     weight [N] | None, labels [N] | None, params: TopkDivergenceParams) -> (div, ce): div is [N] for
-    reduction='none' else a scalar; ce a scalar (0 without labels). Gradients flow to xs, ws, bs."""
+    reduction='none' else a scalar; ce a scalar (0 without labels). Gradients flow to xs, ws, bs.
+    Computes in fp32 (float64 for float64 inputs)."""
 
     @staticmethod
     def forward(ctx, xs, ws, bs, ids, logprobs, weight, labels, params):
         n, v = xs.shape[0], ws.shape[0]
-        dev, inv_t = xs.device, params.inv_t
+        dev, ct, inv_t = xs.device, compute_dtype(xs.dtype), params.inv_t
         tail = params.tail == "tail"
         separate_ce = labels is not None and inv_t != 1.0
         plan = BlockPlan.make(n, v, v, params.block_mb)
-        bins = teacher_bins(ids == PAD_ID, logprobs, params.tail)
-        zk = torch.full(ids.shape, math.nan, device=dev)
-        lse, lse_out, lse_c, z_label = (torch.zeros(n, device=dev) for _ in range(4))
+        bins = teacher_bins(ids == PAD_ID, logprobs, params.tail, ct)
+        zk = torch.full(ids.shape, math.nan, device=dev, dtype=ct)
+        m, ll, m_out, ll_out, lse_c, z_label = (torch.zeros(n, device=dev, dtype=ct) for _ in range(6))
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
-            x_r, ids_r = as_f32(xs[r0:r1]), ids[r0:r1]
-            st = _Online(r1 - r0, plan.cols, dev)
-            st_out = _Online(r1 - r0, plan.cols, dev) if tail else None
-            st_c = _Online(r1 - r0, plan.cols, dev) if separate_ce else None
+            x_r, ids_r = as_compute(xs[r0:r1]), ids[r0:r1]
+            st = _Online(r1 - r0, plan.cols, dev, ct)
+            st_out = _Online(r1 - r0, plan.cols, dev, ct) if tail else None
+            st_c = _Online(r1 - r0, plan.cols, dev, ct) if separate_ce else None
             for v0, v1 in plan.vocab_blocks:
                 z = _block_logits(x_r, ws, bs, v0, v1)
                 st.update(z, inv_t)
                 inside, col = _support_cols(ids_r, v0, v1)
-                hit = z.gather(1, col.clamp_max(v1 - v0 - 1))
-                zk[r0:r1] = torch.where(inside, hit, zk[r0:r1])
+                zk[r0:r1] = torch.where(inside, z.gather(1, col.clamp_max(v1 - v0 - 1)), zk[r0:r1])
                 if tail:
                     st_out.update(z.masked_fill(_on_support(col, r1 - r0, v1 - v0), -math.inf), inv_t)
                 if st_c is not None:
@@ -153,11 +160,11 @@ class TopkDivergenceFunction(torch.autograd.Function):
                 if labels is not None:
                     inside, idx = _label_hits(labels[r0:r1], v0, v1)
                     z_label[r0:r1] += torch.where(inside, z.gather(1, idx[:, None])[:, 0], 0.0)
-            lse[r0:r1] = st.lse()
+            m[r0:r1], ll[r0:r1] = st.shift_and_log_sum()
             if tail:
-                lse_out[r0:r1] = st_out.lse()
-            lse_c[r0:r1] = st_c.lse() if st_c is not None else lse[r0:r1]
-        div, ce, (stats, *rest) = topk_finish(zk, lse, lse_out if tail else None, lse_c, z_label, bins,
+                m_out[r0:r1], ll_out[r0:r1] = st_out.shift_and_log_sum()
+            lse_c[r0:r1] = st_c.lse() if st_c is not None else m[r0:r1] + ll[r0:r1]
+        div, ce, (stats, *rest) = topk_finish(zk, m, ll, (m_out, ll_out) if tail else None, lse_c, z_label, bins,
                                               weight, labels, params)
         ctx.save_for_backward(xs, ws, bs, ids, bins.w, labels, *rest)
         ctx.params, ctx.plan, ctx.stats, ctx.separate_ce = params, plan, stats, separate_ce
@@ -168,20 +175,21 @@ class TopkDivergenceFunction(torch.autograd.Function):
         xs, ws, bs, ids, w_teacher, labels, w_rows, valid, n_valid = ctx.saved_tensors
         params, plan, stats = ctx.params, ctx.plan, ctx.stats
         n, d = xs.shape
-        a_div, coef_ce = topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid)
+        ct = compute_dtype(xs.dtype)
+        a_div, coef_ce = topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid, ct)
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dxs = torch.zeros(n, d, device=xs.device) if needs_dx else None
-        dws = torch.zeros(ws.shape, device=ws.device) if needs_dw else None
-        dbs = torch.zeros(ws.shape[0], device=ws.device) if needs_db else None
+        dxs = torch.zeros(n, d, device=xs.device, dtype=ct) if needs_dx else None
+        dws = torch.zeros(ws.shape, device=ws.device, dtype=ct) if needs_dw else None
+        dbs = torch.zeros(ws.shape[0], device=ws.device, dtype=ct) if needs_db else None
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
-            x_r = as_f32(xs[r0:r1])
+            x_r = as_compute(xs[r0:r1])
             for v0, v1 in plan.vocab_blocks:
                 z = _block_logits(x_r, ws, bs, v0, v1)
                 g = _dlogits_block(z, ids[r0:r1], w_teacher[r0:r1], (r0, r1), (v0, v1), stats, a_div, coef_ce,
                                    labels, params.inv_t, ctx.separate_ce)
                 if dxs is not None:
-                    dxs[r0:r1].addmm_(g, as_f32(ws[v0:v1]))
+                    dxs[r0:r1].addmm_(g, as_compute(ws[v0:v1]))
                 if dws is not None:
                     dws[v0:v1].addmm_(g.T, x_r)
                 if dbs is not None:
@@ -200,12 +208,13 @@ def _dlogits_block(z, ids_r, w_r, row_range, col_range, stats: TopkRowStats, a_d
     if coef_ce is not None and separate_ce:  # CE softmax at T = 1, taken before z is scaled
         g_ce = torch.exp(z - stats.lse_c[r0:r1, None]).mul_(coef_ce[r0:r1, None])
     zt = z.mul_(inv_t)
-    q = torch.exp(zt - stats.lse[r0:r1, None])
+    q = torch.exp((zt - stats.m[r0:r1, None]) - stats.ll[r0:r1, None])
     inside, col = _support_cols(ids_r, v0, v1)
-    w_col = torch.zeros(bn, bv + 1, device=z.device).scatter_add_(1, col, torch.where(inside, w_r, 0.0))[:, :bv]
+    w_col = z.new_zeros(bn, bv + 1).scatter_add_(1, col, torch.where(inside, w_r, 0.0))[:, :bv]
     g = q * stats.mass[r0:r1, None] - w_col
-    if stats.lse_out is not None:
-        r = zt.sub_(stats.lse_out[r0:r1, None]).clamp_max_(0.0).exp_()  # q_j / q_tail off S (<= 1 there)
+    if stats.m_out is not None:
+        # q_j / q_tail off the support (<= 1 there; clamped where it is not used)
+        r = zt.sub_(stats.m_out[r0:r1, None]).sub_(stats.ll_out[r0:r1, None]).clamp_max_(0.0).exp_()
         off = r.mul_(-stats.q_support[r0:r1, None])
         g += stats.tau[r0:r1, None] * torch.where(_on_support(col, bn, bv), q, off)
     g.mul_(a_div[r0:r1, None])
