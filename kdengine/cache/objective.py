@@ -49,13 +49,16 @@ def gram_cosine_from_teacher_gram(student_hidden: torch.Tensor, student_weight: 
 
 
 def topk_kd_loss(student, targets, weights, settings, num_image_tokens: int | None = None,
-                 tail: str = "renormalise") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 tail: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Objective of one batch against cached top-k targets; same contract as `llava_kd_loss`.
 
     student: `DistillOutputs` (hidden [B, L, Ds], lm_head_weight [V, Ds], masks [B, L]);
-    targets: `kdengine.cache.reader.TopKTargets` of the same batch. Returns (loss, detached terms)."""
+    targets: `kdengine.cache.reader.TopKTargets` of the same batch; tail: renormalise | tail
+    (None: ``settings.topk_tail`` if the settings have it, else renormalise).
+    Returns (loss, detached terms)."""
     from kdengine.losses.topk_divergence import topk_divergence
 
+    tail = tail or getattr(settings, "topk_tail", "renormalise")
     check_choice("tail", tail, TAILS)
     if settings.divergence != "forward_kl":
         raise CacheError(f"distill.divergence = {settings.divergence!r}: a top-k teacher cache gives forward_kl "

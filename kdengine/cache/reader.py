@@ -70,8 +70,8 @@ class TeacherCacheReader:
         t = read_tensors(os.path.join(self.directory, HEAD), ["lm_head_weight", "weight_gram"])
         return t["lm_head_weight"].to(device), t["weight_gram"].to(device)
 
-    def sample(self, index: int, sample_id=None) -> dict[str, torch.Tensor]:
-        """positions Int32[n] and hidden [n, Dt] | ids Int32[n, K], logprobs [n, K], gram (if images)."""
+    def locate(self, index: int, sample_id=None) -> str:
+        """The shard holding sample ``index``; CacheError if it is missing or holds another record id."""
         index = int(index)
         if index not in self._where:
             why = ("its images failed to load when the cache was written" if index in self._skipped
@@ -82,12 +82,19 @@ class TeacherCacheReader:
         if sample_id is not None and str(sid) != str(sample_id):
             raise CacheError(f"sample index {index}: the stage's record id is {sample_id!r} but teacher cache "
                              f"{self.directory!r} holds id {sid!r} there; expected the dataset the cache was written from")
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(os.path.join(self.directory, file), framework="pt")
+        return file
+
+    def sample(self, index: int, sample_id=None) -> dict[str, torch.Tensor]:
+        """positions Int32[n] and hidden [n, Dt] | ids Int32[n, K], logprobs [n, K], gram (if images)."""
+        index = int(index)
+        file = self.locate(index, sample_id)
+        if file not in self._handles:
+            handle = safe_open(os.path.join(self.directory, file), framework="pt")
+            self._handles[file] = (handle, set(handle.keys()))
+        handle, keys = self._handles[file]
         names = ("positions", "hidden") if self.manifest.mode == "hidden" else ("positions", "ids", "logprobs")
         out = {n: handle.get_tensor(f"{index}/{n}") for n in names}
-        if self.manifest.has_gram and f"{index}/gram" in handle.keys():
+        if f"{index}/gram" in keys:
             out["gram"] = handle.get_tensor(f"{index}/gram")
         self.reads += 1
         return out

@@ -1,0 +1,119 @@
+"""``kdengine teacher-cache``: write a stage's teacher cache alone, or import one from a server.
+
+    kdengine teacher-cache CONFIG --stage NAME [--set KEY=VALUE ...]
+        run the teacher_cache stage NAME of a training config (the teacher's weights come from
+        the earlier stages finished in run.output_dir, else from its model spec); resumes an
+        interrupted write.
+    kdengine teacher-cache import FILE.jsonl --config CONFIG --stage NAME --teacher-name NAME
+        convert per-position top-k log-probabilities (format: kdengine.cache.importer) into the
+        cache the dpt/dft stage NAME reads (its ``teacher_cache:`` path, or the cache stage it
+        names), with k, temperature and dtype from that cache stage's ``cache:`` settings or --k,
+        --temperature, --dtype.
+
+Only argparse is imported here; the run functions import the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_teacher_cache"]
+
+
+def add_teacher_cache(sub) -> None:
+    p = sub.add_parser("teacher-cache", help="write a teacher cache (hidden states or top-k) or import one",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="a training config (YAML), or 'import'")
+    p.add_argument("file", nargs="?", default=None, help="with import: the JSONL of top-k log-probabilities")
+    p.add_argument("--stage", required=True, help="the teacher_cache stage to run (import: the stage reading it)")
+    p.add_argument("--config", default=None, help="with import: the training config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--teacher-name", default=None, help="with import: what produced the log-probabilities")
+    p.add_argument("--k", type=int, default=None, help="with import: entries per position (default: cache settings)")
+    p.add_argument("--temperature", type=float, default=None, help="with import: their softmax temperature")
+    p.add_argument("--dtype", default=None, choices=("float16", "float32"), help="with import: stored dtype")
+    p.set_defaults(func=run_teacher_cache)
+
+
+def run_teacher_cache(args: argparse.Namespace) -> int:
+    from kdengine.cache.manifest import CacheError
+    from kdengine.train.config import ConfigError
+
+    try:
+        if args.target == "import":
+            return _import(args)
+        return _write(args)
+    except (ConfigError, CacheError, FileNotFoundError) as err:
+        print(f"kdengine teacher-cache: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _find_stage(cfg, name: str):
+    from kdengine.train.config import ConfigError
+
+    for i, st in enumerate(cfg.stages):
+        if st.name == name:
+            return i, st
+    raise ConfigError(f"--stage {name!r}: no such stage; expected one of {[st.name for st in cfg.stages]}")
+
+
+def _write(args) -> int:
+    import os
+
+    from kdengine.cache.stage import CACHE_KIND, run_cache_stage
+    from kdengine.train.checkpoint import finished_stage, model_dir
+    from kdengine.train.config import ConfigError, load_config
+    from kdengine.train.session import close_session, open_session
+
+    cfg = load_config(args.target, args.set)
+    index, stage = _find_stage(cfg, args.stage)
+    if stage.kind != CACHE_KIND:
+        raise ConfigError(f"--stage {args.stage!r} is a {stage.kind!r} stage; expected a {CACHE_KIND} stage")
+    session = open_session(cfg, resume=True)
+    try:
+        for st in cfg.stages[:index]:  # the weights the earlier, finished stages left
+            if finished_stage(session.stage_dir(st.name)) is not None:
+                session.latest[st.model] = model_dir(session.stage_dir(st.name))
+        missing = [st.name for st in cfg.stages[:index]
+                   if st.model == stage.model and st.kind != CACHE_KIND
+                   and finished_stage(session.stage_dir(st.name)) is None]
+        if missing:
+            raise ConfigError(f"stage {stage.name!r} caches model {stage.model!r} after stages {missing}, which are "
+                              f"not finished in {os.path.abspath(cfg.run.output_dir)}; expected them trained first "
+                              f"(kdengine train)")
+        run_cache_stage(session, index, stage)
+    finally:
+        close_session(session)
+    return 0
+
+
+def _import(args) -> int:
+    from kdengine.cache.importer import import_topk_jsonl
+    from kdengine.cache.stage import CACHE_KIND, cache_dir, stage_fingerprint
+    from kdengine.cache.writer import CacheSettings
+    from kdengine.model import num_image_tokens
+    from kdengine.train.batches import build_stage_dataset
+    from kdengine.train.config import ConfigError, load_config
+    from kdengine.train.stage_models import load_model
+
+    if args.file is None or args.config is None or args.teacher_name is None:
+        raise ConfigError("teacher-cache import needs FILE.jsonl, --config CONFIG, --stage NAME and --teacher-name")
+    cfg = load_config(args.config, args.set)
+    _, stage = _find_stage(cfg, args.stage)
+    if not getattr(stage, "teacher_cache", None):
+        raise ConfigError(f"--stage {args.stage!r} reads no teacher cache; expected a dpt/dft stage with teacher_cache")
+    source = next((st for st in cfg.stages if st.kind == CACHE_KIND and st.name == stage.teacher_cache), None)
+    settings = source.cache if source is not None else CacheSettings(mode="topk")
+    k = args.k or settings.k
+    temperature = args.temperature if args.temperature is not None else settings.temperature
+    dtype = args.dtype or settings.dtype or "float32"
+
+    model, processor = load_model(cfg.models[stage.model], None, "cpu")  # for the tokenizer and the shapes
+    n_img = num_image_tokens(model)
+    dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
+    fp = {**stage_fingerprint(cfg, stage, processor, n_img), "teacher": {"external": args.teacher_name}}
+    import_topk_jsonl(args.file, dataset, cache_dir(cfg, stage.teacher_cache), k=k, temperature=temperature,
+                      fingerprint=fp, vocab_rows=model.get_output_embeddings().weight.shape[0], dtype=dtype,
+                      shard_samples=settings.shard_samples)
+    return 0
