@@ -85,9 +85,9 @@ def liger(case: Case, **kw):
                     temperature=case.temperature, compiled=False, **kw)
 
 
-def kdengine(case: Case, **kw):
+def kdengine(case: Case, impl="torch", **kw):
     return LigerFusedLinearJSDLoss(weight_hard_loss=case.w_hard, weight_soft_loss=case.w_soft, beta=case.beta,
-                                   temperature=case.temperature, compiled=False, impl="torch", **kw)
+                                   temperature=case.temperature, compiled=False, impl=impl, **kw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -99,6 +99,18 @@ def test_matches_liger(case):
     assert_close("loss", got, ref, torch.float32, base)
     for name, g, r, b in zip(("d_student_input", "d_student_weight", "d_student_bias"), got_grads, ref_grads,
                              base_grads):
+        assert_close(name, g, r, torch.float32, b)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_triton_path_matches_liger(beta):
+    """The GPU path (TRITON_INTERPRET=1 on CPU): impl='triton', no bias (the kernel has none yet)."""
+    case = Case(f"triton_beta{beta}", beta=beta, ignore=0.3, temperature=2.0, w_hard=0.3, w_soft=0.7)
+    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
+    base, base_grads = loss_and_grads(liger(case), case, torch.float32)
+    got, got_grads = loss_and_grads(kdengine(case, impl="triton"), case, torch.float32)
+    assert_close("loss", got, ref, torch.float32, base)
+    for name, g, r, b in zip(("d_student_input", "d_student_weight"), got_grads, ref_grads, base_grads):
         assert_close(name, g, r, torch.float32, b)
 
 
