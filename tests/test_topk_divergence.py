@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from helpers import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdengine.losses import fused_linear_divergence
 from kdengine.losses.topk_divergence import topk_divergence
@@ -203,6 +204,38 @@ def test_padding_equals_the_shorter_row():
         short = topk_divergence(inp["xs"], inp["ws"], inp["ids"][:, :4], inp["lp"][:, :4], tail="tail",
                                 reduction="none", impl=impl)
         assert_close(f"pad/{impl}", padded, short.double(), torch.float32)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("tail", ["renormalise", "tail"])
+def test_torch_path_never_materialises_n_by_v(tail):
+    """Forward + backward of the torch path create no tensor near [N, V] (the reference does)."""
+    case = Case("memory", n=128, d=8, v=20000, k=32, tail=tail, labels=True, temperature=1.5)
+    inp = make_inputs(case)
+
+    def largest(impl):
+        with _LargestTensor() as probe:
+            run(impl, inp, case, torch.float32, block_mb=1.0)
+        return probe.numel
+
+    n_by_v = case.n * case.v  # the largest legitimate tensors are dW [V, D] = [N, V] / 16 here
+    assert largest("reference") >= n_by_v  # the probe sees logits-sized tensors when they exist
+    got = largest("torch")
+    assert got < n_by_v // 10, f"largest tensor of the torch path has {got} elements; [N, V] has {n_by_v}"
 
 
 # ----------------------------------------------------------------------------------------------
