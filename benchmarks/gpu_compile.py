@@ -173,7 +173,9 @@ def _meta(*shape, dtype, grad=False):
 
 
 def scenario_divergence(spec, dtype, divergence, labels):
-    """fused_linear_divergence fwd+bwd, trainable student head, as LLaVA-KD's objective calls it."""
+    """fused_linear_divergence fwd+bwd, trainable student head, as LLaVA-KD's objective calls it.
+
+    Returns the inputs (their .grad set), so a caller can keep them alive."""
     from kdengine.losses import fused_linear_divergence
 
     n, ds, dt, v = spec["n"], spec["ds"], spec["dt"], spec["v"]
@@ -181,8 +183,8 @@ def scenario_divergence(spec, dtype, divergence, labels):
     xt, wt = _meta(n, dt, dtype=dtype), _meta(v, dt, dtype=dtype)
     lab = _meta(n, dtype=torch.int64) if labels else None
     out = fused_linear_divergence(xs, ws, xt, wt, divergence=divergence, labels=lab, impl="triton")
-    loss = out[0] + out[1] if labels else out
-    loss.backward()
+    (out[0] + out[1] if labels else out).backward()
+    return xs, ws, xt, wt, lab
 
 
 def scenario_gram(spec, dtype):
@@ -192,7 +194,9 @@ def scenario_gram(spec, dtype):
     b, p, ds, dt, v = spec["b"], spec["p"], spec["ds"], spec["dt"], spec["v"]
     hs = _meta(b, p, ds, dtype=dtype, grad=True)
     ws = _meta(v, ds, dtype=dtype, grad=True)
-    gram_cosine_loss(hs, ws, _meta(b, p, dt, dtype=dtype), _meta(v, dt, dtype=dtype), impl="triton").backward()
+    ht, wt = _meta(b, p, dt, dtype=dtype), _meta(v, dt, dtype=dtype)
+    gram_cosine_loss(hs, ws, ht, wt, impl="triton").backward()
+    return hs, ws, ht, wt
 
 
 def scenario_topk(spec, dtype, tail, labels):
@@ -202,9 +206,10 @@ def scenario_topk(spec, dtype, tail, labels):
     n, ds, v, k = spec["n"], spec["ds"], spec["v"], spec.get("k", TOPK)
     xs, ws = _meta(n, ds, dtype=dtype, grad=True), _meta(v, ds, dtype=dtype, grad=True)
     lab = _meta(n, dtype=torch.int64) if labels else None
-    out = topk_divergence(xs, ws, _meta(n, k, dtype=torch.int64), _meta(n, k, dtype=dtype), tail=tail,
-                          labels=lab, impl="triton")
+    ids, logprobs = _meta(n, k, dtype=torch.int64), _meta(n, k, dtype=dtype)
+    out = topk_divergence(xs, ws, ids, logprobs, tail=tail, labels=lab, impl="triton")
     (out[0] + out[1] if labels else out).backward()
+    return xs, ws, ids, logprobs, lab
 
 
 def scenarios(shape_names, divergences):
