@@ -181,8 +181,9 @@ else:
                 teacher_hidden, _ = _last_hidden_state(self.teacher_model, teacher, inputs)
             ws, bs = _head(student, "student")
             wt, bt = _head(teacher, "teacher")
-            # Under autocast (SFTConfig's default bf16=True) the backbones return 16-bit hidden states:
-            # the fused op takes them in the heads' dtype and accumulates in fp32 itself.
+            # Under autocast (SFTConfig's default is bf16=True) a backbone may return 16-bit hidden states
+            # and the op's block matmuls would run in 16 bits: run it with autocast off, in the heads'
+            # dtype (it accumulates in fp32 itself).
             device_type = student_hidden.device.type
             with torch.autocast(device_type, enabled=False):
                 # causal shift as TRL: position i predicts token i + 1
