@@ -99,6 +99,13 @@ def hidden_cache(tiny, tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def topk_cache(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("topk")
+    tiny.write(d, mode="topk", k=4)
+    return str(d)
+
+
 def online_teacher(tiny, batch):
     with torch.no_grad():
         return distill_forward(tiny.teacher, batch)
@@ -288,9 +295,8 @@ def test_ranks_read_only_their_own_samples(tiny, hidden_cache):
     ("tokenizer", {"tokenizer": "f" * 64}),
     ("temperature", {"temperature": 2.0}),
 ])
-def test_a_cache_for_another_stage_names_the_field(tiny, tmp_path, field, change):
-    tiny.write(tmp_path, mode="topk", k=4)
-    reader = TeacherCacheReader(str(tmp_path))
+def test_a_cache_for_another_stage_names_the_field(tiny, topk_cache, field, change):
+    reader = TeacherCacheReader(topk_cache)
     reader.check({**tiny.fp, "temperature": 1.0, "mode": "topk"})  # the stage it was written for passes
     with pytest.raises(CacheError, match=f"does not match the stage: {field} differs"):
         reader.check({**tiny.fp, "temperature": 1.0, **change})
@@ -307,6 +313,30 @@ def test_missing_sample_and_other_tokenization_are_named(tiny, hidden_cache):
     s["labels"][int((s["labels"] != -100).nonzero()[0])] = -100
     with pytest.raises(CacheError, match=f"sample '{s['id']}' .* first difference"):
         CachedCollator(tiny.collator, reader)([s])
+
+
+def test_topk_cache_refuses_what_it_cannot_give(tiny, topk_cache):
+    import dataclasses
+    import pickle
+
+    cached = CachedTeacher(TeacherCacheReader(topk_cache))
+    v = tiny.teacher.get_output_embeddings().weight.shape[0]
+    with pytest.raises(CacheError, match=f"{v} vocabulary rows but the student has {v + 1}"):
+        cached.check_student(v + 1)
+    cached.check_student(v)
+    collate = pickle.loads(pickle.dumps(CachedCollator(tiny.collator, cached.reader)))  # a DataLoader worker's copy
+    batch = collate([IndexedDataset(tiny.dataset)[i] for i in (0, 1)])
+    student = distill_forward(tiny.student(), batch)
+    targets = cached.outputs(batch)
+    for settings, message in ((DistillSettings(divergence="reverse_kl"), "forward_kl only"),
+                              (DistillSettings(temperature=2.0), "at temperature 1.0")):
+        with pytest.raises(CacheError, match=message):
+            topk_kd_loss(student, targets, WEIGHTS, settings, tiny.p)
+    no_vis = dataclasses.replace(targets, mask=targets.mask & ~batch["visual_mask"], rows="response")
+    with pytest.raises(CacheError, match="expected weights.vis = 0"):
+        topk_kd_loss(student, no_vis, WEIGHTS, SETTINGS, tiny.p)
+    with pytest.raises(CacheError, match="no teacher Gram"):
+        topk_kd_loss(student, dataclasses.replace(targets, gram=None), WEIGHTS, SETTINGS, tiny.p)
 
 
 # ----------------------------------------------------------------------------- import
