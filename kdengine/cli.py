@@ -89,13 +89,9 @@ def _add_eval(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from kdengine.train.config import ConfigError, load_config
+    from kdengine.train.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:  # before any model, dataset or DeepSpeed is loaded
-        print(f"kdengine train: config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)  # a ConfigError comes before any model, dataset or DeepSpeed
     from kdengine.train.run import train
 
     train(cfg, resume=args.resume)
@@ -111,28 +107,27 @@ def _add_train(sub) -> None:
         "deepspeed --no_local_rank [--hostfile FILE] --module kdengine.cli train CONFIG.",
     )
     train.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny pipeline)")
-    train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set stages.student_dft.lr=1e-4 --set run.output_dir=runs/x (repeatable)",
-    )
-    train.add_argument(
-        "--resume", action="store_true",
-        help="continue the run in run.output_dir: skip finished stages, "
+    _add_overrides(
+        train,
+        set_help="override a config value, e.g. --set stages.student_dft.lr=1e-4 --set run.output_dir=runs/x "
+        "(repeatable)",
+        resume_help="continue the run in run.output_dir: skip finished stages, "
         "restart the unfinished one from its last checkpoint",
     )
     train.set_defaults(func=_run_train)
 
 
+def _add_overrides(parser: argparse.ArgumentParser, set_help: str, resume_help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) and ``--resume``, shared by the commands that train."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from kdengine.demo import DEFAULT_CONFIG, run_demo
-    from kdengine.train.config import ConfigError
 
-    try:
-        run_demo(args.config or DEFAULT_CONFIG, out=args.out, seed=args.seed, ablation=args.ablation,
-                 overrides=args.set, resume=args.resume)
-    except ConfigError as err:
-        print(f"kdengine demo: config error: {err}", file=sys.stderr)
-        return 2
+    run_demo(args.config or DEFAULT_CONFIG, out=args.out, seed=args.seed, ablation=args.ablation,
+             overrides=args.set, resume=args.resume)
     return 0
 
 
@@ -149,9 +144,8 @@ def _add_demo(sub) -> None:
                       help="seed for the data, the model initialisations and the data order")
     demo.add_argument("--ablation", action="store_true", help="add the rows PT+DFT, DPT+SFT and DPT+DFT")
     demo.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value, as in kdengine train (repeatable)")
-    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    _add_overrides(demo, set_help="override a config value, as in kdengine train (repeatable)",
+                   resume_help="continue an interrupted demo in --out")
     demo.set_defaults(func=_run_demo)
 
 
@@ -167,17 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Bad input to these commands (a value, a file, a line) is reported in one line, exit code 2; the
-# messages name the value and what was expected. train and demo report their ConfigError the same way.
-USER_ERRORS = {"data": (ValueError, FileNotFoundError), "eval": (ValueError, FileNotFoundError)}
+def _user_errors(command: str) -> tuple[tuple[type[Exception], ...], str]:
+    """(exception types, label) of the bad input to ``command`` (a value, a file, a line) that `main`
+    reports in one line with exit code 2; the messages name the value and what was expected."""
+    if command in ("train", "demo"):
+        from kdengine.train.config import ConfigError
+
+        return (ConfigError,), "config error"
+    if command in ("data", "eval"):
+        return (ValueError, FileNotFoundError), "error"
+    return (), "error"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS.get(args.command, ()) as err:
-        print(f"kdengine {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        types, label = _user_errors(args.command)
+        if not isinstance(err, types):
+            raise
+        print(f"kdengine {args.command}: {label}: {err}", file=sys.stderr)
         return 2
 
 
