@@ -8,7 +8,7 @@ forward + backward on ``meta`` tensors (as in ``benchmarks.gpu_compile``). Every
 recorded with its grid, arguments and block sizes (each ``triton.autotune`` config is evaluated and the
 fastest predicted one kept); every torch op between the kernels (the backward's dX / dW GEMMs, casts,
 buffers) is recorded by a TorchDispatchMode with its shapes and dtypes. Working memory is the peak of
-the bytes the run allocates minus what is still alive at its end (inputs, gradients, outputs).
+the bytes alive during the run minus the inputs and their gradients.
 
 Per Triton launch (``KERNEL_MODELS``, one small function per kernel naming the FLOPs of one program
 and the tiles it reads):
@@ -361,7 +361,7 @@ def run_case(kernels, shape, label, dtype, per_sm, tc):
                         hbm_gb=sum(p["bytes"] for p in parts.values()) / 1e9,
                         no_l2_gb=sum(p["no_l2"] for p in parts.values()) / 1e9, predicted_ms=total_ms,
                         ideal_ms=ideal_ms, x_ideal=total_ms / ideal_ms if ideal_ms else None,
-                        work_gb=(mode.peak - mode.end_live) / 1e9, peak_gb=mode.peak / 1e9,
+                        work_gb=(mode.peak - mode.resident) / 1e9, peak_gb=mode.peak / 1e9,
                         unmodelled=",".join(sorted(unmodelled))))
     return out
 
@@ -381,9 +381,9 @@ def _capture_one(kernels, shape, label, dtype):
             continue
         log, mode = [], TorchOps()
         with gc.recording(kernels, log), mode:
-            held = fn(gc.SHAPES[sname], gc.DTYPES[dtype])  # inputs (and their grads) stay alive until here
-            mode.end_live = mode.live
-        del held
+            held = [t for t in fn(gc.SHAPES[sname], gc.DTYPES[dtype]) if t is not None]
+        # resident before and after the step: the inputs and their gradients (as benchmarks/harness.py)
+        mode.resident = sum(_nbytes(t) + _nbytes(t.grad) for t in held)
         for rec in log:
             rec.scenario, rec.shape, rec.dtype = label, shape, dtype
         return log, mode
