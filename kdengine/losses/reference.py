@@ -134,7 +134,7 @@ def topk_divergence_reference(
     rows = torch.where(p > 0, p * (lp - log_q.gather(1, ids)), 0.0).sum(-1)
     if tail == "tail":
         p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-        support = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, ~pad)
+        support = torch.zeros_like(z).scatter_add_(1, ids, (~pad).to(z.dtype)) > 0  # padding adds 0 at column 0
         empty = support.all(-1, keepdim=True)  # K = V: no tail bin (kept finite for autograd)
         log_q_tail = torch.logsumexp(log_q.masked_fill(support & ~empty, -math.inf), -1)
         used = (p_tail > 0) & ~empty[:, 0]
