@@ -114,6 +114,30 @@ def test_triton_path_matches_liger(beta):
         assert_close(name, g, r, torch.float32, b)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_bfloat16_inputs(beta):
+    """bf16 inputs: kdengine accumulates in fp32 and returns an fp32 loss (Liger: soft loss in bf16)."""
+    case = Case(f"bf16_beta{beta}", beta=beta, ignore=0.3, bias=True)
+    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
+    base, base_grads = loss_and_grads(liger(case), case, torch.bfloat16)
+    got, got_grads = loss_and_grads(kdengine(case), case, torch.bfloat16)
+    assert got.dtype == torch.float32
+    assert_close("loss", got, ref, torch.bfloat16, base)
+    for name, g, r, b in zip(("d_student_input", "d_student_weight", "d_student_bias"), got_grads, ref_grads,
+                             base_grads):
+        assert g.dtype == torch.bfloat16
+        assert_close(name, g, r, torch.bfloat16, b)
+
+
+def test_empty_batch():
+    ws = torch.randn(11, DS, requires_grad=True)
+    xs = torch.zeros(0, DS, requires_grad=True)
+    loss = LigerFusedLinearJSDLoss(beta=0.3)(xs, ws, torch.zeros(0, DT), torch.randn(11, DT),
+                                            torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and xs.grad.shape == (0, DS) and float(ws.grad.abs().max()) == 0.0
+
+
 def test_all_ignored_is_exactly_zero():
     case = Case("all_ignored", ignore=1.0)
     loss, grads = loss_and_grads(kdengine(case), case, torch.float32)

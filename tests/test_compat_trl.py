@@ -189,6 +189,22 @@ def test_trainer_under_bf16_autocast(tmp_path):
     assert_close("step losses", got, ref, torch.bfloat16, base)
 
 
+def evaluate(trainer_cls, dtype, tmp_path, bf16=False) -> torch.Tensor:
+    args = GKDConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=bf16, lmbda=0.0, beta=0.3,
+                     per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = trainer_cls(model=copy.deepcopy(STUDENT).to(dtype), teacher_model=copy.deepcopy(TEACHER).to(dtype),
+                          args=args, train_dataset=dataset(), eval_dataset=dataset(),
+                          processing_class=word_tokenizer(TV), data_collator=collate_prompt_completion)
+    return torch.tensor(trainer.evaluate()["eval_loss"], dtype=torch.float64)
+
+
+def test_evaluate_matches_trl(tmp_path):
+    """Trainer.evaluate goes through compute_loss(return_outputs=True)."""
+    ref = evaluate(GKDTrainer, torch.float64, tmp_path)
+    base = evaluate(GKDTrainer, torch.float32, tmp_path)
+    assert_close("eval_loss", evaluate(KDEngineGKDTrainer, torch.float32, tmp_path), ref, torch.float32, base)
+
+
 def test_trainer_refuses_post_processed_logits(tmp_path):
     student = tiny_causal_lm(0, TV, 32)
     student.config.final_logit_softcapping = 30.0
