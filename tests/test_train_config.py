@@ -58,6 +58,16 @@ def _yaml(tmp_path, text: str) -> str:
     return str(p)
 
 
+def test_set_in_a_yaml_stage_keeps_that_stage_kind_defaults(tmp_path):
+    """--set edits the YAML's own stage: weights not given are the dpt defaults, not the embedded
+    default config's first stage (a pt stage)."""
+    path = _yaml(tmp_path, "stages: [{name: a, kind: dpt, model: student, teacher: teacher, data: pretrain}]\n")
+    cfg = load_config(path, ["stages.a.weights.rel=0.25", "stages.a.distill.temperature=2"], check_paths=False)
+    w, d = cfg.stages[0].weights, cfg.stages[0].distill
+    assert (w.ce, w.res, w.vis, w.rel) == (1.0, 1.0, 1.0, 0.25)
+    assert (d.temperature, d.divergence) == (2.0, "forward_kl") and cfg.stages[0].trainable == ["projector"]
+
+
 # (test id, --set overrides, world size, regex the message must match)
 ERRORS = [
     ("unknown-top-key", ["trainer.lr=1"], 1, r"unknown config key 'trainer'"),
@@ -89,6 +99,8 @@ ERRORS = [
     ("duplicate-stage", ["stages.1.name=teacher_pt"], 1, r"'teacher_pt' is used twice"),
     ("bad-divergence", ["stages.student_dft.distill.divergence=kl"], 1, r"divergence = 'kl': expected one of"),
     ("bad-temperature", ["stages.student_dft.distill.temperature=0"], 1, r"temperature = 0\.0: expected > 0"),
+    ("inf-temperature", ["stages.student_dft.distill.temperature=.inf"], 1,
+     r"stages\[4\]\.distill\.temperature = inf: expected a finite number"),
     ("bad-reduction", ["stages.student_dft.distill.rdist_reduction=mean"], 1, r"rdist_reduction = 'mean'"),
     ("bad-lr", ["stages.0.lr=0"], 1, r"stages\[0\] \(teacher_pt\)\.lr = 0\.0: expected > 0"),
     ("bad-zero-stage", ["engine.zero_stage=4"], 1, r"engine\.zero_stage = 4: expected 0, 1, 2, 3 or null"),
