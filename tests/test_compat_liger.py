@@ -129,6 +129,16 @@ def test_bfloat16_inputs(beta):
         assert_close(name, g, r, torch.bfloat16, b)
 
 
+def test_teacher_gets_no_gradient_like_liger():
+    """Liger runs the teacher under no_grad; a teacher that requires grad is accepted and gets none."""
+    case = Case("teacher_grad", beta=0.3, bias=True)
+    (xs, ws, bs), (xt, wt, bt), labels = make_inputs(case, torch.float32)
+    teacher = [t.requires_grad_() for t in (xt, wt, bt)]
+    loss = kdengine(case)(xs, ws, xt, wt, labels, bs, bt)
+    grads = torch.autograd.grad(loss, [xs, *teacher], allow_unused=True)
+    assert grads[0] is not None and all(g is None for g in grads[1:])
+
+
 def test_empty_batch():
     ws = torch.randn(11, DS, requires_grad=True)
     xs = torch.zeros(0, DS, requires_grad=True)
