@@ -14,7 +14,7 @@ less than the tile's lm_head product.
         off the support; lse_c (T = 1) and z[label] for the CE. Logits never reach global memory.
     backward (_topk_bwd_kernel): dlogits tiles of a vocabulary chunk into a [N, chunk] buffer (the
         only [N, *] intermediate, of bounded width), then dX += G W_chunk, dW_chunk = G^T X,
-        db_chunk = sum_n G. A tile finds its run's start by counting the row's ids below it.
+        db_chunk = sum_n G. A tile finds its run's start by a binary search of the sorted row.
 Under TRITON_INTERPRET=1 bf16 tiles are upcast before tl.dot (Triton 3.9's interpreter gets bf16
 dots wrong) and small blocks are used.
 """
@@ -73,6 +73,21 @@ def _walk_support(p_ids, p_w, p_zk, o_n, m_n, o_v, v_hi, K, ptr, z,
         b_id = tl.load(p_ids + o_k, mask=m_n & (ptr < K), other=NO_ID)
         act = b_id < v_hi
     return cnt > 0, w_col, ptr
+
+
+@triton.jit
+def _lower_bound(p_ids, o_n, m_n, K, x, SEARCH_STEPS: tl.constexpr, BN: tl.constexpr, NO_ID: tl.constexpr):
+    """[BN] int32: per row, the first position of the sorted ids whose id is >= x (K if none);
+    a binary search of SEARCH_STEPS = bit length of K steps."""
+    lo = tl.zeros((BN,), tl.int32)
+    hi = tl.zeros((BN,), tl.int32) + K
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(p_ids + o_n * K + mid, mask=m_n & (mid < K), other=NO_ID) < x
+        open_ = lo < hi
+        lo = tl.where(open_ & below, mid + 1, lo)
+        hi = tl.where(open_ & ~below, mid, hi)
+    return lo
 
 
 @triton.jit
@@ -149,7 +164,7 @@ def _topk_bwd_kernel(
     p_coef_ce,
     p_g, N, V, D, K, inv_t, v_start, v_stop, stride_g, stride_x, stride_w,
     HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, TAIL: tl.constexpr, UPCAST: tl.constexpr,
-    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, NO_ID: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, SEARCH_STEPS: tl.constexpr, NO_ID: tl.constexpr,
 ):
     """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start]."""
     i_n = tl.program_id(0).to(tl.int64)
@@ -165,10 +180,7 @@ def _topk_bwd_kernel(
     b_ll = tl.load(p_ll + o_n, mask=m_n, other=0.0)
     mass = tl.load(p_mass + o_n, mask=m_n, other=0.0)
     q = tl.exp((z * inv_t - b_m[:, None]) - b_ll[:, None])
-    # the tile's run of sorted ids starts after the row's ids below v_lo
-    o_k = tl.arange(0, BK)
-    b_ids = tl.load(p_ids + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=NO_ID)
-    ptr = tl.sum((b_ids < v_lo).to(tl.int32), axis=1)
+    ptr = _lower_bound(p_ids, o_n, m_n, K, v_lo, SEARCH_STEPS, BN, NO_ID)
     on_s, w_col, _ = _walk_support(p_ids, p_wk, p_wk, o_n, m_n, o_v, v_hi, K, ptr, z, True, False, BN, BV, NO_ID)
     g = q * mass[:, None] - w_col
     if TAIL:
@@ -237,7 +249,7 @@ def topk_dlogits(x, w, b, ids_sorted, w_sorted, labels, stats, a_div, coef_ce, i
         stats.q_support if tail else dummy, a_div, coef_ce if coef_ce is not None else dummy,
         g, n, v, x.shape[1], k, inv_t, v_start, v_stop, g.stride(0), x.stride(0), w.stride(0),
         HAS_BIAS=b is not None, HAS_LABELS=labels is not None, TAIL=tail, UPCAST=_upcast(x.dtype),
-        BN=BN, BV=BV, BD=BD, BK=triton.next_power_of_2(k), NO_ID=NO_ID,
+        BN=BN, BV=BV, BD=BD, SEARCH_STEPS=int(k).bit_length(), NO_ID=NO_ID,
     )
     return g
 
