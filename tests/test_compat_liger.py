@@ -90,43 +90,37 @@ def kdengine(case: Case, impl="torch", **kw):
                                    temperature=case.temperature, compiled=False, impl=impl, **kw)
 
 
+GRAD_NAMES = ("d_student_input", "d_student_weight", "d_student_bias")
+
+
+def check_against_liger(case: Case, dtype=torch.float32, impl="torch"):
+    """kdengine in ``dtype`` vs Liger in float64, within ATOL + 2x Liger's own ``dtype`` error."""
+    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
+    base, base_grads = loss_and_grads(liger(case), case, dtype)
+    got, got_grads = loss_and_grads(kdengine(case, impl=impl), case, dtype)
+    assert got.dtype == torch.float32  # as Liger's loss, for 16-bit and fp32 inputs
+    assert_close("loss", got, ref, dtype, base)
+    for name, g, r, b in zip(GRAD_NAMES, got_grads, ref_grads, base_grads):
+        assert g.dtype == dtype
+        assert_close(name, g, r, dtype, b)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_liger(case):
-    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
-    base, base_grads = loss_and_grads(liger(case), case, torch.float32)
-    got, got_grads = loss_and_grads(kdengine(case), case, torch.float32)
-    assert got.dtype == torch.float32
-    assert_close("loss", got, ref, torch.float32, base)
-    for name, g, r, b in zip(("d_student_input", "d_student_weight", "d_student_bias"), got_grads, ref_grads,
-                             base_grads):
-        assert_close(name, g, r, torch.float32, b)
+    check_against_liger(case)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_triton_path_matches_liger(beta):
     """The GPU path (TRITON_INTERPRET=1 on CPU): impl='triton', no bias (the kernel has none yet)."""
-    case = Case(f"triton_beta{beta}", beta=beta, ignore=0.3, temperature=2.0, w_hard=0.3, w_soft=0.7)
-    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
-    base, base_grads = loss_and_grads(liger(case), case, torch.float32)
-    got, got_grads = loss_and_grads(kdengine(case, impl="triton"), case, torch.float32)
-    assert_close("loss", got, ref, torch.float32, base)
-    for name, g, r, b in zip(("d_student_input", "d_student_weight"), got_grads, ref_grads, base_grads):
-        assert_close(name, g, r, torch.float32, b)
+    check_against_liger(Case(f"triton_beta{beta}", beta=beta, ignore=0.3, temperature=2.0, w_hard=0.3, w_soft=0.7),
+                        impl="triton")
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_bfloat16_inputs(beta):
-    """bf16 inputs: kdengine accumulates in fp32 and returns an fp32 loss (Liger: soft loss in bf16)."""
-    case = Case(f"bf16_beta{beta}", beta=beta, ignore=0.3, bias=True)
-    ref, ref_grads = loss_and_grads(liger(case), case, torch.float64)
-    base, base_grads = loss_and_grads(liger(case), case, torch.bfloat16)
-    got, got_grads = loss_and_grads(kdengine(case), case, torch.bfloat16)
-    assert got.dtype == torch.float32
-    assert_close("loss", got, ref, torch.bfloat16, base)
-    for name, g, r, b in zip(("d_student_input", "d_student_weight", "d_student_bias"), got_grads, ref_grads,
-                             base_grads):
-        assert g.dtype == torch.bfloat16
-        assert_close(name, g, r, torch.bfloat16, b)
+    """bf16 inputs: fp32 accumulation; the loss is fp32 typed (the core op rounds its value to bf16)."""
+    check_against_liger(Case(f"bf16_beta{beta}", beta=beta, ignore=0.3, bias=True), torch.bfloat16)
 
 
 def test_teacher_gets_no_gradient_like_liger():
@@ -168,8 +162,7 @@ def test_float64_in_float64_out(part):
         ref_grads = torch.autograd.grad(ref * 1.5, (xs, ws, bs))
     got, got_grads = loss_and_grads(kdengine(case), case, torch.float64)
     assert got.dtype == torch.float64
-    for name, g, r in zip(("loss", "d_student_input", "d_student_weight", "d_student_bias"),
-                          [got, *got_grads], [ref, *ref_grads]):
+    for name, g, r in zip(("loss", *GRAD_NAMES), [got, *got_grads], [ref, *ref_grads]):
         # Liger accumulates its loss in float32 (its gradients in float64)
         assert_close(name, g, r, torch.float32 if (name == "loss" and part == "soft") else torch.float64)
 
@@ -205,8 +198,7 @@ def test_teacher_wider_vocab_is_liger_on_the_shared_vocab():
     ref = liger(case)(xs, ws, xt, wt[: case.v], labels, bs, bt[: case.v])
     ref_grads = torch.autograd.grad(ref, (xs, ws, bs))
     got, got_grads = loss_and_grads(kdengine(case), case, torch.float32, grad_out=1.0)
-    for name, g, r in zip(("loss", "d_student_input", "d_student_weight", "d_student_bias"),
-                          [got, *got_grads], [ref, *ref_grads]):
+    for name, g, r in zip(("loss", *GRAD_NAMES), [got, *got_grads], [ref, *ref_grads]):
         assert_close(name, g, r, torch.float32)
 
 
