@@ -27,7 +27,9 @@ Deliberate differences (documented in the README section "Coming from Liger or T
   negative temperature).
 * ``compiled`` and ``chunk_size`` are accepted and unused: the torch path bounds its blocks by
   ``block_mb``, the Triton path by its tile sizes.
-* The loss is float32 for 16-bit and float32 inputs (as Liger's) and float64 for float64 inputs.
+* The loss is a float32 tensor for 16-bit and float32 inputs (as Liger's), float64 for float64 inputs.
+  For 16-bit inputs its value has been rounded to the input dtype by the core op (Liger: fp32);
+  the gradients come from fp32 statistics.
 """
 
 from __future__ import annotations
