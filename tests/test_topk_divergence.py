@@ -387,3 +387,19 @@ def test_triton_rejects_float64():
     kw = {k: (v.double() if v.is_floating_point() else v) for k, v in _good().items()}
     with pytest.raises(ValueError, match=r"impl='triton' computes in fp32.*float64"):
         topk_divergence(**kw, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_unchecked_out_of_range_id_is_nan_not_another_column(impl):
+    """What a GPU run (no value checks) does with an id >= V or < -1: that row's loss is NaN, the others are not."""
+    from kdengine.kernels.topk_divergence import TopkDivergenceTriton
+    from kdengine.losses.topk_divergence import TopkDivergenceParams
+    from kdengine.losses.topk_divergence_torch import TopkDivergenceFunction
+
+    kw = _good()
+    ids = kw["teacher_ids"].clone()
+    ids[1, 2], ids[3, 0] = 30, -5
+    fn = TopkDivergenceFunction if impl == "torch" else TopkDivergenceTriton
+    div, _ = fn.apply(kw["student_hidden"], kw["student_weight"], None, ids, kw["teacher_logprobs"], None, None,
+                      TopkDivergenceParams(reduction="none"))
+    assert torch.isnan(div[[1, 3]]).all() and torch.isfinite(div[[0, 2, 4]]).all(), div
