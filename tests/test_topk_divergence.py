@@ -377,7 +377,10 @@ def test_divergences_top_k_cannot_give_are_errors(divergence):
     (dict(labels=torch.zeros(5)), r"labels has dtype torch.float32"),
     (dict(labels=torch.full((5,), 30)), r"labels\[0\] = 30 is outside \[0, 30\)"),
     (dict(student_bias=torch.zeros(29)), r"student_bias has shape \(29,\)"),
-], ids=["tail", "temperature", "reduction", "impl", "weight", "labels_dtype", "labels_range", "bias"])
+    (dict(student_bias=[0.0] * 30), r"student_bias has shape list"),
+    (dict(student_bias=torch.zeros(30, dtype=torch.float64)), r"student_bias is torch.float64"),
+], ids=["tail", "temperature", "reduction", "impl", "weight", "labels_dtype", "labels_range", "bias",
+        "bias_list", "bias_dtype"])
 def test_bad_options_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         topk_divergence(**_good(), **kw)

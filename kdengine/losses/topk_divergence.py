@@ -67,12 +67,13 @@ def validate_topk_args(student_hidden, student_weight, teacher_ids, teacher_logp
                          f"student_weight {tuple(student_weight.shape)} (expected [N, D] and [V, D])")
     if v == 0:
         raise ValueError(f"empty vocabulary: student_weight {tuple(student_weight.shape)}")
+    if student_bias is not None and (not isinstance(student_bias, torch.Tensor) or student_bias.shape != (v,)):
+        shape = tuple(student_bias.shape) if isinstance(student_bias, torch.Tensor) else type(student_bias).__name__
+        raise ValueError(f"student_bias has shape {shape}; expected [V] = ({v},)")
     dev, dtype = student_hidden.device, student_hidden.dtype
     for name, x in (("student_weight", student_weight), ("student_bias", student_bias)):
         if x is not None and (x.device != dev or x.dtype != dtype):
             raise ValueError(f"{name} is {x.dtype} on {x.device}; expected {dtype} on {dev} like student_hidden")
-    if student_bias is not None and (not isinstance(student_bias, torch.Tensor) or student_bias.shape != (v,)):
-        raise ValueError(f"student_bias has shape {tuple(student_bias.shape)}; expected [V] = ({v},)")
     if not isinstance(teacher_ids, torch.Tensor) or teacher_ids.dtype not in (torch.int32, torch.int64):
         what = teacher_ids.dtype if isinstance(teacher_ids, torch.Tensor) else type(teacher_ids).__name__
         raise ValueError(f"teacher_ids has dtype {what}; expected torch.int32 or torch.int64")
