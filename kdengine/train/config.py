@@ -14,8 +14,9 @@ Schema::
     datasets:  {name: DatasetConfig}        LLaVA JSON/JSONL + image folder + template
     models:    {name: kdengine.model.ModelSpec}   where a model's first weights come from
     engine:    zero_stage, deepspeed_config, activation_checkpointing, liger, shard_teacher, ...
-    stages:    [StageConfig]   name, kind (pt|sft|dpt|dft), model, data, teacher, trainable,
-                               weights, distill, lr, batch sizes, epochs/max_steps, checkpoint_every
+    stages:    [StageConfig]   name, kind (pt|sft|dpt|dft|teacher_cache), model, data, teacher, trainable,
+                               weights, distill, lr, batch sizes, epochs/max_steps, checkpoint_every;
+                               teacher_cache (dpt/dft instead of teacher), cache (kdengine.cache.CacheSettings)
 
 Each stage trains ``model``; it starts from that model's weights after its previous stage (or
 from its spec for its first stage). ``teacher`` (dpt/dft only) names another model, used with
@@ -39,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kdengine.cache.writer import CacheSettings
 from kdengine.data.synth import QUESTION_SETS
 from kdengine.losses.objective import DistillSettings, LossWeights
 from kdengine.model.build import TINY_STUDENT, TINY_TEACHER, ModelSpec
@@ -55,16 +57,18 @@ __all__ = [
     "load_config",
 ]
 
-STAGE_KINDS = ("pt", "sft", "dpt", "dft")
+STAGE_KINDS = ("pt", "sft", "dpt", "dft", "teacher_cache")
 DISTILL_KINDS = ("dpt", "dft")
+CACHE_KIND = "teacher_cache"  # runs `model` as a frozen teacher and writes its cache (kdengine.cache); trains nothing
 DEFAULT_TRAINABLE = {"pt": ["projector"], "sft": ["projector", "language_model"],
-                     "dpt": ["projector"], "dft": ["projector", "language_model"]}
+                     "dpt": ["projector"], "dft": ["projector", "language_model"], CACHE_KIND: []}
 # Paper defaults (Sec. 4.1): alpha, beta, gamma = 1, 1, 0.5 in DPT and in DFT.
 DEFAULT_WEIGHTS = {
     "pt": {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},
     "sft": {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},
     "dpt": {"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 0.5},
     "dft": {"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 0.5},
+    CACHE_KIND: {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},  # unused
 }
 # Keys the engine derives from the stage; a DeepSpeed JSON must not set them.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -163,10 +167,12 @@ class StageConfig:
     """One training stage. ``weights`` keys not given keep the kind's defaults (DEFAULT_WEIGHTS)."""
 
     name: str
-    kind: Literal["pt", "sft", "dpt", "dft"]
+    kind: Literal["pt", "sft", "dpt", "dft", "teacher_cache"]
     model: str
     data: str
     teacher: str | None = None
+    teacher_cache: str | None = None  # dpt/dft: a teacher_cache stage's name or a cache directory, instead of teacher
+    cache: CacheSettings | None = None  # teacher_cache: mode, k, temperature, ... (None: CacheSettings())
     trainable: list[str] | None = None  # None: DEFAULT_TRAINABLE[kind]
     weights: LossWeights | None = None
     distill: DistillSettings = field(default_factory=DistillSettings)
@@ -189,7 +195,8 @@ class StageConfig:
             self.trainable = list(DEFAULT_TRAINABLE[self.kind])
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name = {self.name!r}: expected a non-empty directory name")
-        if not self.trainable:
+        self._check_cache_fields()
+        if not self.trainable and self.kind != CACHE_KIND:
             raise ValueError(f"trainable = {self.trainable!r}: nothing to train; expected some of {list(COMPONENTS)}")
         bad = [c for c in self.trainable if c not in COMPONENTS]
         if bad:
@@ -206,6 +213,15 @@ class StageConfig:
             _at_least(name, getattr(self, name), 0)
         for name in ("micro_batch_size", "batch_size"):
             _at_least(name, getattr(self, name), 1)
+
+    def _check_cache_fields(self) -> None:
+        if self.kind == CACHE_KIND and self.cache is None:
+            self.cache = CacheSettings()
+        if self.kind != CACHE_KIND and self.cache is not None:
+            raise ValueError(f"cache = {self.cache}: only a {CACHE_KIND} stage has cache settings")
+        if self.teacher_cache is not None and not self.distills:
+            raise ValueError(f"teacher_cache = {self.teacher_cache!r}: kind {self.kind!r} reads no teacher; "
+                             f"expected kind dpt or dft")
 
     def _check_weights(self) -> None:
         """The weights suit the kind (each weight is checked by LossWeights itself)."""
@@ -559,7 +575,9 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
     if stage.data not in cfg.datasets:
         raise ConfigError(f"{where}.data = {stage.data!r}: expected one of the datasets {sorted(cfg.datasets)}")
     teacher = stage.teacher
-    if stage.distills:
+    if stage.teacher_cache is not None:
+        _check_teacher_cache(cfg, stage, where)
+    elif stage.distills:
         others = sorted(m for m in cfg.models if m != stage.model)
         if teacher is None:
             raise ConfigError(f"{where}: kind {stage.kind!r} needs a teacher; expected teacher: one of {others}")
@@ -579,6 +597,20 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
             f"x world size {world_size} = {per_step}: "
             f"expected batch_size = micro_batch_size x ranks x accumulation steps"
         )
+
+
+def _check_teacher_cache(cfg: TrainConfig, stage: StageConfig, where: str) -> None:
+    """A dpt/dft stage reading a cache has no teacher; a cache named like a stage is an earlier teacher_cache
+    stage (any other name is a cache directory, checked when the stage opens it)."""
+    if stage.teacher is not None:
+        raise ConfigError(f"{where}: teacher = {stage.teacher!r} and teacher_cache = {stage.teacher_cache!r}; "
+                          f"expected one of them (the cache replaces the teacher)")
+    names = [st.name for st in cfg.stages]
+    if stage.teacher_cache in names:
+        source = cfg.stages[names.index(stage.teacher_cache)]
+        if source.kind != CACHE_KIND or names.index(source.name) > names.index(stage.name):
+            raise ConfigError(f"{where}.teacher_cache = {stage.teacher_cache!r} is the {source.kind} stage "
+                              f"{names.index(source.name)}; expected an earlier {CACHE_KIND} stage or a cache directory")
 
 
 def _check_paths(cfg: TrainConfig) -> None:
