@@ -152,6 +152,31 @@ class _RowStats:
     labels: torch.Tensor | None = None
 
 
+class HeadGrads:
+    """Gradients of the student's hidden rows, lm_head weight and bias [N, D], [V, D], [V], accumulated
+    block by block from dlogits g [BN, BV] in the compute dtype (None where no grad is needed)."""
+
+    def __init__(self, needs: tuple, xs, ws, dtype):
+        needs_dx, needs_dw, needs_db = needs
+        self.dx = torch.zeros(xs.shape, device=xs.device, dtype=dtype) if needs_dx else None
+        self.dw = torch.zeros(ws.shape, device=ws.device, dtype=dtype) if needs_dw else None
+        self.db = torch.zeros(ws.shape[0], device=ws.device, dtype=dtype) if needs_db else None
+
+    def add(self, g, x_r, ws, row_range, col_range):
+        (r0, r1), (v0, v1) = row_range, col_range
+        if self.dx is not None:
+            self.dx[r0:r1].addmm_(g, as_compute(ws[v0:v1]))
+        if self.dw is not None:
+            self.dw[v0:v1].addmm_(g.T, x_r)
+        if self.db is not None:
+            self.db[v0:v1] += g.sum(0)
+
+    def result(self, xs, ws, bs) -> tuple:
+        """(dX, dW, db) in the inputs' dtypes."""
+        return tuple(g.to(like.dtype) if g is not None else None
+                     for g, like in ((self.dx, xs), (self.dw, ws), (self.db, bs)))
+
+
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """torch path. forward(xs [N, Ds], ws [V, Ds], bs [V] | None, xt [N, Dt], wt [Vt, Dt], bt [Vt] | None,
     weight [N] | None, labels [N] | None, params: FusedLinearDivergenceParams) -> (div, ce): div is [N]
@@ -237,7 +262,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         (xs, ws, bs, xt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
          dx_div, dx_ce) = ctx.saved_tensors
         params, plan = ctx.params, ctx.plan
-        n, d = xs.shape
+        n = xs.shape[0]
         ct = compute_dtype(xs.dtype)
         coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid, ct)
         if ctx.eager:
@@ -247,10 +272,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             return (dxs.to(xs.dtype),) + (None,) * 8
 
         logits = ctx.logits  # cached blocks are handed over (popped) on use; a second backward recomputes
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dxs = torch.zeros(n, d, device=xs.device, dtype=ct) if needs_dx else None
-        dws = torch.zeros(ws.shape, device=ws.device, dtype=ct) if needs_dw else None
-        dbs = torch.zeros(ws.shape[0], device=ws.device, dtype=ct) if needs_db else None
+        grads = HeadGrads(ctx.needs_input_grad[:3], xs, ws, ct)
         stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c, coef_div * params.inv_t, coef_ce, labels)
         fuse_ce = coef_ce is not None and not ctx.separate_ce  # CE softmax == student softmax: one exp
         for r0 in range(0, n, plan.rows):
@@ -259,15 +281,8 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             for v0, v1 in plan.vocab_blocks:
                 zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1, writable=True)
                 g = _dlogits_block(zs_raw, zt, (r0, r1), (v0, v1), plan.vc, stats, params, fuse_ce)
-                if dxs is not None:
-                    dxs[r0:r1].addmm_(g, as_compute(ws[v0:v1]))
-                if dws is not None:
-                    dws[v0:v1].addmm_(g.T, xs_r)
-                if dbs is not None:
-                    dbs[v0:v1] += g.sum(0)
-        return (dxs.to(xs.dtype) if dxs is not None else None,
-                dws.to(ws.dtype) if dws is not None else None,
-                dbs.to(bs.dtype) if dbs is not None else None) + (None,) * 6
+                grads.add(g, xs_r, ws, (r0, r1), (v0, v1))
+        return grads.result(xs, ws, bs) + (None,) * 6
 
 
 def _log_probs_(z, m, ll, r0, r1):

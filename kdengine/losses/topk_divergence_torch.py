@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kdengine.losses.divergences import as_compute, compute_dtype, finish_rows, row_coefficients
-from kdengine.losses.fused_linear_divergence_torch import BlockPlan, _label_hits, _Online
+from kdengine.losses.fused_linear_divergence_torch import BlockPlan, HeadGrads, _label_hits, _Online
 
 PAD_ID = -1  # a teacher_ids entry of -1 is padding: its log-probability is not read
 
@@ -174,13 +174,10 @@ class TopkDivergenceFunction(torch.autograd.Function):
     def backward(ctx, grad_div, grad_ce):
         xs, ws, bs, ids, w_teacher, labels, w_rows, valid, n_valid = ctx.saved_tensors
         params, plan, stats = ctx.params, ctx.plan, ctx.stats
-        n, d = xs.shape
+        n = xs.shape[0]
         ct = compute_dtype(xs.dtype)
         a_div, coef_ce = topk_coefficients(grad_div, grad_ce, n, params, w_rows, valid, n_valid, ct)
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dxs = torch.zeros(n, d, device=xs.device, dtype=ct) if needs_dx else None
-        dws = torch.zeros(ws.shape, device=ws.device, dtype=ct) if needs_dw else None
-        dbs = torch.zeros(ws.shape[0], device=ws.device, dtype=ct) if needs_db else None
+        grads = HeadGrads(ctx.needs_input_grad[:3], xs, ws, ct)
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
             x_r = as_compute(xs[r0:r1])
@@ -188,15 +185,8 @@ class TopkDivergenceFunction(torch.autograd.Function):
                 z = _block_logits(x_r, ws, bs, v0, v1)
                 g = _dlogits_block(z, ids[r0:r1], w_teacher[r0:r1], (r0, r1), (v0, v1), stats, a_div, coef_ce,
                                    labels, params.inv_t, ctx.separate_ce)
-                if dxs is not None:
-                    dxs[r0:r1].addmm_(g, as_compute(ws[v0:v1]))
-                if dws is not None:
-                    dws[v0:v1].addmm_(g.T, x_r)
-                if dbs is not None:
-                    dbs[v0:v1] += g.sum(0)
-        return (dxs.to(xs.dtype) if dxs is not None else None,
-                dws.to(ws.dtype) if dws is not None else None,
-                dbs.to(bs.dtype) if dbs is not None else None) + (None,) * 5
+                grads.add(g, x_r, ws, (r0, r1), (v0, v1))
+        return grads.result(xs, ws, bs) + (None,) * 5
 
 
 def _dlogits_block(z, ids_r, w_r, row_range, col_range, stats: TopkRowStats, a_div, coef_ce, labels, inv_t,
