@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdengine.cache.stage import open_stage_cache, run_cache_stage
 from kdengine.data import LlavaCollator
 from kdengine.losses.checks import LOSS_TERMS
 from kdengine.model import check_compatible, format_param_summary, num_image_tokens, param_summary
@@ -30,7 +31,7 @@ from kdengine.train.checkpoint import (
     save_checkpoint,
     save_stage_model,
 )
-from kdengine.train.config import EngineConfig, StageConfig, read_deepspeed_json, zero_stage
+from kdengine.train.config import CACHE_KIND, EngineConfig, StageConfig, read_deepspeed_json, zero_stage
 from kdengine.train.batches import StepPlan, build_stage_dataset, micro_batches
 from kdengine.train.dist import DistInfo, all_reduce
 from kdengine.train.metrics import Progress, peak_memory_mb
@@ -62,6 +63,8 @@ class StageParts:
 
 def run_stage(session: Session, index: int, stage: StageConfig) -> dict:
     """Run (or, when resuming, skip or continue) one stage; returns its summary row."""
+    if stage.kind == CACHE_KIND:  # runs the teacher once and writes its cache (resumes it); trains nothing
+        return run_cache_stage(session, index, stage)
     stage_dir = session.stage_dir(stage.name)
     done = finished_stage(stage_dir)
     if done is not None:  # only with --resume (the run directory is checked when the session opens)
@@ -85,9 +88,12 @@ def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
     patches = apply_patches(model, cfg.engine, dist.device)
     model.train()
     n_img = num_image_tokens(model)
-    teacher, share = _teacher(session, stage, model, processor) if stage.distills else (None, False)
+    live = stage.distills and stage.teacher_cache is None
+    teacher, share = _teacher(session, stage, model, processor) if live else (None, False)
     dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
     collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
+    if stage.teacher_cache is not None:  # verified and matched before any step; its rows come with the batches
+        teacher, dataset, collator = open_stage_cache(session, stage, model, processor, dataset, collator)
     plan = StepPlan.build(dataset, stage, dist, seed=cfg.run.seed + 1000 * index)
     objective = StudentObjective(model, stage.weights, stage.distill, n_img)
     engine = build_engine(objective, stage, plan, cfg.engine, dist)
@@ -285,7 +291,8 @@ def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist) -
 def _print_header(stage: StageConfig, parts: StageParts, dist: DistInfo, ckpt: str | None) -> None:
     plan = parts.plan
     print(f"\n== stage {stage.name} ({stage.kind}): model {stage.model}"
-          + (f", teacher {stage.teacher}" if parts.teacher is not None else ""), flush=True)
+          + (f", teacher {stage.teacher or 'cache ' + stage.teacher_cache}" if parts.teacher is not None else ""),
+          flush=True)
     print(format_param_summary(param_summary(parts.model)))
     print(f"{parts.dataset.summary.format()}\nglobal batch {stage.batch_size} = {stage.micro_batch_size} micro x "
           f"{dist.world_size} ranks x {plan.accum} accumulation, {plan.total_steps} steps "
