@@ -13,6 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from kdengine.cache.objective import topk_kd_loss
+from kdengine.cache.reader import CachedTeacher, TopKTargets
 from kdengine.losses import DistillSettings, LossWeights, llava_kd_loss
 from kdengine.losses.checks import LOSS_TERMS
 from kdengine.model import DistillOutputs, distill_forward, vision_features
@@ -39,7 +41,8 @@ class StudentObjective(nn.Module):
 
     def forward(self, batch: dict, teacher_out: DistillOutputs | None = None, features: torch.Tensor | None = None):
         out = distill_forward(self.student, batch, vision_features=features)
-        loss, terms = llava_kd_loss(out, teacher_out, self.weights, self.settings, num_image_tokens=self.num_image_tokens)
+        loss_fn = topk_kd_loss if isinstance(teacher_out, TopKTargets) else llava_kd_loss  # a top-k cache
+        loss, terms = loss_fn(out, teacher_out, self.weights, self.settings, num_image_tokens=self.num_image_tokens)
         for k in self.term_names(teacher_out is not None):  # the same keys on every batch and rank
             terms.setdefault(k, loss.new_zeros((), dtype=torch.float32))
         return loss, terms
@@ -61,7 +64,9 @@ class StudentObjective(nn.Module):
 @torch.no_grad()
 def teacher_outputs(teacher: Teacher, batch: dict, share_features: bool) -> tuple[DistillOutputs, torch.Tensor | None]:
     """The teacher's hidden states on ``batch`` and, with ``share_features``, the tower features
-    both models use (computed once, on the teacher)."""
+    both models use (computed once, on the teacher). A `CachedTeacher` gives its cached rows instead."""
+    if isinstance(teacher, CachedTeacher):
+        return teacher.outputs(batch), None
     features = None
     pixels = batch.get("pixel_values")
     if share_features and pixels is not None and pixels.shape[0] > 0:
