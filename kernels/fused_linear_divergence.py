@@ -1,20 +1,34 @@
 """Triton path of ``kdengine.losses.fused_linear_divergence``.
 
-Layers: ``_fld_fwd_kernel`` / ``_fld_rows_kernel`` / ``_fld_bwd_kernel`` (@triton.jit)
+Layers: ``_fld_stats`` / ``_fld_rows`` / ``_fld_dlogits`` (@triton.jit; ``_fld_*_kernel`` and ``_fld_*_kernel_fp32``
+are their triton.autotune wrappers for 16-bit and fp32 inputs)
 -> launchers ``fld_forward_stats`` / ``fld_divergence_rows`` / ``fld_dlogits``
 -> ``FusedLinearDivergenceTriton`` (autograd.Function).
 
-Each forward program owns BN rows and streams the vocabulary in BV blocks: the lm_head products
-z_s = x_s W_s^T and z_t = x_t W_t^T are computed tile by tile (tl.dot over BD chunks, fp32
-accumulation) and folded into online log-sum-exps; logits never reach global memory.
-    pass 1 (_fld_fwd_kernel):  lse_s, lse_t (temperature T, first Vc = min(V, Vt) entries),
-                               lse_c (T = 1, full V, for the CE), z[label], forward_kl rows online.
-    pass 2 (_fld_rows_kernel): rows of the other divergences and c = sum p_s h (divergences.py).
-    backward (_fld_bwd_kernel): dlogits tiles of a vocabulary chunk into a [N, chunk] buffer, then
-                               dX += G W_chunk and dW_chunk = G^T X as two GEMMs; the buffer is the
-                               only [N, *] intermediate and its width is bounded.
+Shapes: xs [N, Ds], ws [V, Ds], bs [V] | None; xt [N, Dt], wt [Vt, Dt], bt [Vt] | None; Vc = min(V, Vt).
+The lm_head products z_s = xs ws^T + bs and z_t = xt wt^T + bt are computed in [BN, BV] tiles (tl.dot
+over BD chunks, fp32 accumulation) and never reach global memory. Every kernel runs on a 2D grid of
+row blocks x vocabulary columns, flattened and grouped: GROUP_N consecutive row blocks walk the
+columns together, so the programs resident at one time share each W tile (L2 serves the re-reads)
+and keep only GROUP_N row blocks of X hot.
+    pass 1 (_fld_stats): one program per (row block, vocabulary split of SPLIT columns) writes
+        partial log-sum-exps of the split: student and teacher at temperature T over the first Vc
+        columns, the CE's at T = 1 over all V, and forward_kl's sum p_t (z_t - z_s) / T. A small torch
+        step combines the splits (logsumexp over splits). z[label] is one indexed dot product.
+    pass 2 (_fld_rows), divergences other than forward_kl: per split, the loss rows and
+        c = sum p_s h (kdengine/losses/divergences.py), summed over splits in torch (fixed order).
+    backward (_fld_dlogits): dL/dz_s tiles of a vocabulary chunk into a [N, chunk] buffer
+        (bf16 for bf16 inputs, else fp32; at most CHUNK_ELEMS elements), then dX += G W_chunk,
+        dW_chunk = G^T X and d bias_chunk = column sums of G as cuBLAS GEMMs / torch sums.
+Matmul units ([N, V, D] GEMMs) per fwd+bwd: forward_kl 2 + 2 recompute + 2 = 6; the other
+divergences add pass 2: 8.
+
+Precision: bf16/fp16 tiles run on tensor cores (HMMA on sm_80, HGMMA on sm_90, v_mfma on gfx942)
+with fp32 accumulation. fp32 inputs use input_precision="ieee" (exact fp32 products, not tf32:
+logits feed exp() and a 1e-3 relative error there is visible in the loss), which compiles to FFMA
+on CUDA cores (no HMMA/HGMMA); float64 is refused (impl="torch" computes in float64).
 Under TRITON_INTERPRET=1 (CPU tests) bf16 tiles are upcast before tl.dot: Triton 3.9's interpreter
-returns wrong tl.dot results for bf16 operands (fp16/fp32 are exact).
+returns wrong tl.dot results for bf16 operands (fp16/fp32 are exact), and small blocks are used.
 """
 
 from __future__ import annotations
@@ -25,28 +39,64 @@ import triton.language as tl
 
 from kdengine.kernels import interpreting
 from kdengine.kernels.divergence_terms import _div_terms, _online
+from kdengine.kernels.tuning import configs, fixed_or_tuned
 from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients
 
 DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # 0 fkl, 1 rkl, 2 jsd, 3 skew_fkl, 4 skew_rkl, 5 tvd
+CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many elements (32 MB bf16, 64 MB fp32)
+GROUP_N = 8  # row blocks that walk the vocabulary together (see the module docstring)
+BLOCK_NAMES = ("BN", "BV", "BD")
+# (blocks, num_warps, num_stages); BV divides SPLIT_COLS. Every entry compiles for sm_80 and sm_90
+# without register spills (ptxas: 0 bytes stack and spill) in its dtype: the 16-bit list with
+# HMMA / HGMMA tensor-core dots; fp32's FFMA dots hold their operands in registers, so fp32 gets
+# its own list of smaller tiles. 8-warp and 128-wide tiles spill (255 registers) in these kernels.
+FLD_CONFIGS = configs([
+    ({"BN": 64, "BV": 64, "BD": 32}, 4, 3),
+    ({"BN": 64, "BV": 64, "BD": 32}, 4, 4),
+    ({"BN": 64, "BV": 64, "BD": 64}, 4, 2),
+    ({"BN": 64, "BV": 64, "BD": 64}, 4, 3),
+])
+FLD_CONFIGS_FP32 = configs([
+    ({"BN": 16, "BV": 32, "BD": 16}, 4, 3),
+    ({"BN": 16, "BV": 32, "BD": 32}, 4, 2),
+    ({"BN": 16, "BV": 32, "BD": 32}, 4, 3),
+    ({"BN": 16, "BV": 32, "BD": 32}, 2, 3),
+])
+# tuning key: the reduction dims and V (tensor dtypes are appended by triton.autotune); the block
+# names only take part when a launch fixes them (see kernels/tuning.py)
+FLD_KEY = ["DS", "DT", "V", *BLOCK_NAMES]
+INTERPRET_BLOCKS = {"BN": 16, "BV": 32, "BD": 16}  # the interpreter's cost is per program
+SPLIT_COLS = 2048  # pass 1/2 vocabulary split per program on a GPU (a multiple of every BV)
+INTERPRET_SPLIT_COLS = 64  # under the interpreter: several splits even at test vocabularies
 
 
-def _blocks() -> tuple[int, int, int]:
-    """(BN, BV, BD): GPU defaults, and small blocks under the CPU interpreter (its cost is per program)."""
-    return (16, 32, 16) if interpreting() else (64, 128, 64)
+def _tuned(fn):
+    """(16-bit, fp32) autotuned launch objects of one kernel; launchers pick by the input dtype."""
+    return tuple(triton.autotune(configs=c, key=FLD_KEY, prune_configs_by=fixed_or_tuned(BLOCK_NAMES))(fn)
+                 for c in (FLD_CONFIGS, FLD_CONFIGS_FP32))
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    """bf16 tiles are upcast before tl.dot under the interpreter (Triton 3.9 gets bf16 dots wrong there)."""
-    return interpreting() and dtype == torch.bfloat16
-CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)
-# fp32 inputs use exact fp32 products ("ieee"), not tf32: logits feed exp() and a 1e-3 relative
-# error there is visible in the loss. bf16/fp16 tiles run on tensor cores with fp32 accumulation.
+_BIAS_FLAGS = {"HAS_BS": lambda a: a["p_bs"] is not None, "HAS_BT": lambda a: a["p_bt"] is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_ids(pid, N, n_cols, BN: tl.constexpr, GROUP_N: tl.constexpr):
+    """(row block, column block) of flat program id ``pid``: GROUP_N row blocks share each column block."""
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(tl.cdiv(N, BN) - first, GROUP_N)
+    i_n = first + (pid % per_group) % size
+    i_c = (pid % per_group) // size
+    return i_n.to(tl.int64), i_c.to(tl.int64)
 
 
 @triton.jit
-def _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, BD: tl.constexpr,
-                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr = "ieee"):
-    """[BN, BV] fp32 tile of x @ w^T, looping over D in BD chunks."""
+def _tile_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, HAS_BIAS: tl.constexpr,
+                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+    """[BN, BV] fp32 tile of x @ w^T (+ b), looping over D in BD chunks."""
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
@@ -56,20 +106,27 @@ def _tile_logits(p_x, p_w, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, BD: tl.c
         if UPCAST:
             b_x = b_x.to(tl.float32)
             b_w = b_w.to(tl.float32)
-        acc += tl.dot(b_x, tl.trans(b_w), input_precision=DOT_PRECISION)
+        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
+@triton.heuristics(_BIAS_FLAGS)
 @triton.jit
-def _fld_fwd_kernel(
-    p_xs, p_ws, p_xt, p_wt, p_labels,
-    p_lse_s, p_lse_t, p_lse_c, p_zlab, p_rows,
-    N, V, VC, VTOT, DS, DT, inv_t,
+def _fld_stats(
+    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_part,
+    N, V, VC, VTOT, DS, DT, inv_t, split, n_split,
     stride_xs, stride_ws, stride_xt, stride_wt,
-    HAS_LABELS: tl.constexpr, SEPARATE_CE: tl.constexpr, FKL: tl.constexpr, UPCAST: tl.constexpr,
-    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+    SEPARATE_CE: tl.constexpr, FKL: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    UPCAST: tl.constexpr, GROUP_N: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
+    """Partial statistics of rows [BN] over vocabulary split [i_s * split, (i_s + 1) * split).
+
+    p_part [4, n_split, N] fp32: partial lse_s, lse_t (T, columns < VC), lse_c (T = 1, columns < V;
+    only with SEPARATE_CE) and, with FKL, sum p_t (z_t - z_s) / T under the split's teacher softmax.
+    """
+    i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     m_s = tl.full((BN,), float("-inf"), tl.float32)
@@ -79,94 +136,92 @@ def _fld_fwd_kernel(
     a_t = tl.zeros((BN,), tl.float32)
     m_c = tl.full((BN,), float("-inf"), tl.float32)
     l_c = tl.zeros((BN,), tl.float32)
-    z_lab = tl.zeros((BN,), tl.float32)
-    if HAS_LABELS:
-        b_lab = tl.load(p_labels + o_n, mask=m_n, other=-1)
-    for v0 in range(0, VTOT, BV):
+    v_lo = i_s * split
+    for v0 in range(v_lo, tl.minimum(v_lo + split, VTOT), BV):
         o_v = v0 + tl.arange(0, BV)
         m_vs = o_v < V
         m_vc = o_v < VC
-        zs_raw = _tile_logits(p_xs, p_ws, o_n, o_v, m_n, m_vs, DS, stride_xs, stride_ws, BD, UPCAST, BN, BV)
-        if v0 < VC:
-            zt = _tile_logits(p_xt, p_wt, o_n, o_v, m_n, m_vc, DT, stride_xt, stride_wt, BD, UPCAST, BN, BV) * inv_t
-            zs = zs_raw * inv_t
-            diff = zt - zs  # used only where e_t > 0 (finite teacher entries in range)
-            zt = tl.where(m_vc[None, :], zt, float("-inf"))
-            zs = tl.where(m_vc[None, :], zs, float("-inf"))
-            m_s, l_s, _, _, _ = _online(m_s, l_s, zs)
-            m_t, l_t, scale_t, e_t, _ = _online(m_t, l_t, zt)
-            if FKL:
-                a_t = a_t * scale_t + tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), axis=1)
+        zs_raw = _tile_logits(p_xs, p_ws, p_bs, o_n, o_v, m_n, m_vs, DS, stride_xs, stride_ws, HAS_BS, UPCAST,
+                              BN, BV, BD)
         if SEPARATE_CE:
-            zc = tl.where(m_vs[None, :], zs_raw, float("-inf"))
-            m_c, l_c, _, _, _ = _online(m_c, l_c, zc)
-        if HAS_LABELS:
-            hit = (o_v[None, :] == b_lab[:, None]) & m_vs[None, :]
-            z_lab += tl.sum(tl.where(hit, zs_raw, 0.0), axis=1)
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    tl.store(p_lse_s + o_n, lse_s, mask=m_n)
-    tl.store(p_lse_t + o_n, lse_t, mask=m_n)
+            m_c, l_c, _, _, _ = _online(m_c, l_c, tl.where(m_vs[None, :], zs_raw, float("-inf")))
+        if v0 < VC:
+            zs = tl.where(m_vc[None, :], zs_raw * inv_t, float("-inf"))
+            m_s, l_s, _, _, _ = _online(m_s, l_s, zs)
+            zt = _tile_logits(p_xt, p_wt, p_bt, o_n, o_v, m_n, m_vc, DT, stride_xt, stride_wt, HAS_BT, UPCAST,
+                              BN, BV, BD)
+            zt = tl.where(m_vc[None, :], zt * inv_t, float("-inf"))
+            m_t, l_t, scale_t, e_t, _ = _online(m_t, l_t, zt)
+            if FKL:  # e_t > 0 only at finite teacher entries of compared columns, where zs is finite
+                a_t = a_t * scale_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), axis=1)
+    p_out = p_part + i_s * N + o_n
+    stride_k = n_split * N
+    tl.store(p_out, m_s + tl.log(l_s), mask=m_n)
+    tl.store(p_out + stride_k, m_t + tl.log(l_t), mask=m_n)
     if SEPARATE_CE:
-        tl.store(p_lse_c + o_n, m_c + tl.log(l_c), mask=m_n)
-    else:
-        tl.store(p_lse_c + o_n, lse_s, mask=m_n)
-    if HAS_LABELS:
-        tl.store(p_zlab + o_n, z_lab, mask=m_n)
+        tl.store(p_out + 2 * stride_k, m_c + tl.log(l_c), mask=m_n)
     if FKL:
-        tl.store(p_rows + o_n, a_t / l_t + lse_s - lse_t, mask=m_n)
+        tl.store(p_out + 3 * stride_k, tl.where(l_t > 0, a_t / l_t, 0.0), mask=m_n)
 
 
 @triton.jit
-def _fld_tile_logprobs(p_xs, p_ws, p_xt, p_wt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t, DS, DT, inv_t,
-                       stride_xs, stride_ws, stride_xt, stride_wt, UPCAST: tl.constexpr,
-                       BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+def _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t, DS, DT, inv_t,
+                   stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                   UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """Student raw logits and the (s, t) log-probabilities of a tile; columns >= Vc hold s = t = 0."""
-    zs_raw = _tile_logits(p_xs, p_ws, o_n, o_v, m_n, m_vs, DS, stride_xs, stride_ws, BD, UPCAST, BN, BV)
-    zt = _tile_logits(p_xt, p_wt, o_n, o_v, m_n, m_vc, DT, stride_xt, stride_wt, BD, UPCAST, BN, BV)
+    zs_raw = _tile_logits(p_xs, p_ws, p_bs, o_n, o_v, m_n, m_vs, DS, stride_xs, stride_ws, HAS_BS, UPCAST,
+                          BN, BV, BD)
     s = tl.where(m_vc[None, :], zs_raw * inv_t - lse_s[:, None], 0.0)
+    zt = _tile_logits(p_xt, p_wt, p_bt, o_n, o_v, m_n, m_vc, DT, stride_xt, stride_wt, HAS_BT, UPCAST,
+                      BN, BV, BD)
     t = tl.where(m_vc[None, :], zt * inv_t - lse_t[:, None], 0.0)
     return zs_raw, s, t
 
 
+@triton.heuristics(_BIAS_FLAGS)
 @triton.jit
-def _fld_rows_kernel(
-    p_xs, p_ws, p_xt, p_wt, p_lse_s, p_lse_t, p_rows, p_c,
-    N, V, VC, DS, DT, inv_t, beta,
+def _fld_rows(
+    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_lse_s, p_lse_t, p_part,
+    N, V, VC, DS, DT, inv_t, beta, split, n_split,
     stride_xs, stride_ws, stride_xt, stride_wt,
-    DIV: tl.constexpr, LOG_FLOOR: tl.constexpr, UPCAST: tl.constexpr,
-    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+    DIV: tl.constexpr, LOG_FLOOR: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    UPCAST: tl.constexpr, GROUP_N: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
+    """p_part [2, n_split, N] fp32: the split's sum of loss terms and of p_s h (rows, c)."""
+    i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     lse_s = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
     lse_t = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
     rows = tl.zeros((BN,), tl.float32)
     c = tl.zeros((BN,), tl.float32)
-    for v0 in range(0, VC, BV):
+    v_lo = i_s * split
+    for v0 in range(v_lo, tl.minimum(v_lo + split, VC), BV):
         o_v = v0 + tl.arange(0, BV)
         m_vc = o_v < VC
-        _, s, t = _fld_tile_logprobs(p_xs, p_ws, p_xt, p_wt, o_n, m_n, o_v, o_v < V, m_vc, lse_s, lse_t,
-                                     DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, UPCAST, BN, BV, BD)
+        _, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, o_v < V, m_vc, lse_s, lse_t,
+                                 DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
+                                 BN, BV, BD)
         elem, h = _div_terms(s, t, beta, LOG_FLOOR, DIV)
         rows += tl.sum(tl.where(m_vc[None, :], elem, 0.0), axis=1)
         c += tl.sum(tl.where(m_vc[None, :], tl.exp(s) * h, 0.0), axis=1)
-    tl.store(p_rows + o_n, rows, mask=m_n)
-    tl.store(p_c + o_n, c, mask=m_n)
+    p_out = p_part + i_s * N + o_n
+    tl.store(p_out, rows, mask=m_n)
+    tl.store(p_out + n_split * N, c, mask=m_n)
 
 
+@triton.heuristics(_BIAS_FLAGS)
 @triton.jit
-def _fld_bwd_kernel(
-    p_xs, p_ws, p_xt, p_wt, p_labels, p_lse_s, p_lse_t, p_lse_c, p_c, p_coef_div, p_coef_ce, p_g,
+def _fld_dlogits(
+    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_labels, p_lse_s, p_lse_t, p_lse_c, p_c, p_coef_div, p_coef_ce, p_g,
     N, V, VC, DS, DT, inv_t, beta, v_start, v_stop, stride_g,
     stride_xs, stride_ws, stride_xt, stride_wt,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, LOG_FLOOR: tl.constexpr, UPCAST: tl.constexpr,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, LOG_FLOOR: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
-    """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start]."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1).to(tl.int64)
+    """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start] (g's dtype)."""
+    i_n, i_v = _grouped_ids(tl.program_id(0), N, tl.cdiv(v_stop - v_start, BV), BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     o_v = v_start + i_v * BV + tl.arange(0, BV)
@@ -175,8 +230,9 @@ def _fld_bwd_kernel(
     lse_s = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
     lse_t = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
     coef = tl.load(p_coef_div + o_n, mask=m_n, other=0.0) * inv_t
-    zs_raw, s, t = _fld_tile_logprobs(p_xs, p_ws, p_xt, p_wt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t,
-                                      DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, UPCAST, BN, BV, BD)
+    zs_raw, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t,
+                                  DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
+                                  BN, BV, BD)
     p_s = tl.exp(s)
     if DIV == 0:
         g = p_s - tl.exp(t)
@@ -189,105 +245,151 @@ def _fld_bwd_kernel(
         lse_c = tl.load(p_lse_c + o_n, mask=m_n, other=0.0)
         coef_ce = tl.load(p_coef_ce + o_n, mask=m_n, other=0.0)
         b_lab = tl.load(p_labels + o_n, mask=m_n, other=-1)
-        p_c_ = tl.exp(zs_raw - lse_c[:, None])
+        p_ce = tl.exp(zs_raw - lse_c[:, None])
         onehot = tl.where(o_v[None, :] == b_lab[:, None], 1.0, 0.0)
-        g += tl.where(m_vs[None, :], (p_c_ - onehot) * coef_ce[:, None], 0.0)
+        g += tl.where(m_vs[None, :], (p_ce - onehot) * coef_ce[:, None], 0.0)
     o_g = o_n[:, None] * stride_g + (o_v - v_start)[None, :]
-    tl.store(p_g + o_g, g, mask=m_n[:, None] & (o_v < v_stop)[None, :])
+    tl.store(p_g + o_g, g.to(p_g.dtype.element_ty), mask=m_n[:, None] & (o_v < v_stop)[None, :])
+
+
+_fld_stats_kernel, _fld_stats_kernel_fp32 = _tuned(_fld_stats)
+_fld_rows_kernel, _fld_rows_kernel_fp32 = _tuned(_fld_rows)
+_fld_dlogits_kernel, _fld_dlogits_kernel_fp32 = _tuned(_fld_dlogits)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launchers (no device checks and no host syncs: they also run on meta tensors)
 # ----------------------------------------------------------------------------------------------
-def _contig(*xs):
-    return [x.contiguous() for x in xs]
+def _launch_meta(dtype: torch.dtype) -> dict:
+    """Keyword arguments every launch shares: fixed small blocks under the interpreter, else none (tuned)."""
+    meta = {"UPCAST": interpreting() and dtype == torch.bfloat16, "GROUP_N": GROUP_N}
+    return {**meta, **INTERPRET_BLOCKS} if interpreting() else meta
 
 
-def fld_forward_stats(xs, ws, xt, wt, labels, inv_t, fkl, separate_ce):
-    """Pass 1. xs [N, Ds], ws [V, Ds], xt [N, Dt], wt [Vt, Dt], labels [N] or None.
-    Returns fp32 [N] each: lse_s, lse_t, lse_c, z_label, rows (forward_kl rows, else zeros)."""
-    xs, ws, xt, wt = _contig(xs, ws, xt, wt)
+def _split_cols() -> int:
+    return INTERPRET_SPLIT_COLS if interpreting() else SPLIT_COLS
+
+
+def _split_grid(n: int, n_split: int):
+    return lambda meta: (triton.cdiv(n, meta["BN"]) * n_split,)
+
+
+def fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, inv_t, fkl, separate_ce):
+    """Pass 1. xs [N, Ds], ws [V, Ds], bs [V] | None, xt [N, Dt], wt [Vt, Dt], bt [Vt] | None, labels [N] | None
+    (contiguous). Returns fp32 [N] each: lse_s, lse_t, lse_c, z_label (0 without labels), rows (forward_kl
+    rows, else zeros)."""
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
     vc = min(v, vt)
-    vtot = v if labels is not None else vc
-    out = [torch.zeros(n, device=xs.device, dtype=torch.float32) for _ in range(5)]
-    lab = labels.contiguous() if labels is not None else out[0]
-    BN, BV, BD = _blocks()
-    grid = (triton.cdiv(n, BN),)
+    vtot = v if separate_ce else vc
+    split = _split_cols()
+    n_split = triton.cdiv(vtot, split)
+    part = torch.zeros(4, n_split, n, device=xs.device, dtype=torch.float32)
     if n > 0:
-        _fld_fwd_kernel[grid](
-            xs, ws, xt, wt, lab, *out, n, v, vc, vtot, xs.shape[1], xt.shape[1], inv_t,
+        kernel = _fld_stats_kernel_fp32 if xs.dtype == torch.float32 else _fld_stats_kernel
+        kernel[_split_grid(n, n_split)](
+            xs, ws, bs, xt, wt, bt, part, n, v, vc, vtot, xs.shape[1], xt.shape[1], inv_t, split, n_split,
             xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
-            HAS_LABELS=labels is not None, SEPARATE_CE=separate_ce, FKL=fkl,
-            UPCAST=_upcast(xs.dtype), BN=BN, BV=BV, BD=BD,
+            SEPARATE_CE=separate_ce, FKL=fkl, **_launch_meta(xs.dtype),
         )
-    return out
+    lse = torch.logsumexp(part[:3], dim=1)  # [3, N]; splits past Vc hold -inf
+    lse_s, lse_t = lse[0], lse[1]
+    lse_c = lse[2] if separate_ce else lse_s
+    rows = torch.zeros_like(lse_s)
+    if fkl:  # sum_j p_t (z_t - z_s) / T + lse_s - lse_t, each split weighted by its share of the teacher mass
+        rows = (torch.exp(part[1] - lse_t) * part[3]).sum(0) + lse_s - lse_t
+    z_label = torch.zeros_like(lse_s) if labels is None else _label_logits(xs, ws, bs, labels, v)
+    return lse_s, lse_t, lse_c, z_label, rows
 
 
-def fld_divergence_rows(xs, ws, xt, wt, lse_s, lse_t, inv_t, divergence, beta):
+def _label_logits(xs, ws, bs, labels, v):
+    """z_s[n, labels[n]] in fp32 [N] (0 where the label is out of range, e.g. ignore_index)."""
+    inside = (labels >= 0) & (labels < v)
+    idx = torch.where(inside, labels, 0).long()
+    z = torch.linalg.vecdot(xs.float(), ws.index_select(0, idx).float())
+    if bs is not None:
+        z = z + bs.index_select(0, idx).float()
+    return torch.where(inside, z, 0.0)
+
+
+def fld_divergence_rows(xs, ws, bs, xt, wt, bt, lse_s, lse_t, inv_t, divergence, beta):
     """Pass 2: (rows [N], c [N]) fp32 for a divergence other than forward_kl."""
-    xs, ws, xt, wt = _contig(xs, ws, xt, wt)
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
-    rows = torch.zeros(n, device=xs.device, dtype=torch.float32)
-    c = torch.zeros_like(rows)
-    BN, BV, BD = _blocks()
+    vc = min(v, vt)
+    split = _split_cols()
+    n_split = triton.cdiv(vc, split)
+    part = torch.zeros(2, n_split, n, device=xs.device, dtype=torch.float32)
     if n > 0:
-        _fld_rows_kernel[(triton.cdiv(n, BN),)](
-            xs, ws, xt, wt, lse_s, lse_t, rows, c, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
-            xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
-            DIV=DIV_CODE[divergence], LOG_FLOOR=LOG_FLOOR, UPCAST=_upcast(xs.dtype),
-            BN=BN, BV=BV, BD=BD,
+        kernel = _fld_rows_kernel_fp32 if xs.dtype == torch.float32 else _fld_rows_kernel
+        kernel[_split_grid(n, n_split)](
+            xs, ws, bs, xt, wt, bt, lse_s, lse_t, part, n, v, vc, xs.shape[1], xt.shape[1], inv_t, beta,
+            split, n_split, xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
+            DIV=DIV_CODE[divergence], LOG_FLOOR=LOG_FLOOR, **_launch_meta(xs.dtype),
         )
+    rows, c = part.sum(1)
     return rows, c
 
 
-def fld_dlogits(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, inv_t, divergence, beta,
-                v_start, v_stop, out=None):
-    """dL/d(raw student logits) for vocab columns [v_start, v_stop): fp32 [N, v_stop - v_start]."""
+def fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, inv_t, divergence,
+                beta, v_start, v_stop, out):
+    """dL/d(raw student logits) for vocab columns [v_start, v_stop) into out[:, :v_stop - v_start]."""
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
     width = v_stop - v_start
-    g = out[:, :width] if out is not None else torch.empty(n, width, device=xs.device, dtype=torch.float32)
+    g = out[:, :width]
     has_labels = labels is not None
-    dummy = lse_s
-    BN, BV, BD = _blocks()
-    grid = (triton.cdiv(n, BN), triton.cdiv(width, BV))
-    _fld_bwd_kernel[grid](
-        xs, ws, xt, wt, labels if has_labels else dummy, lse_s, lse_t, lse_c, c, coef_div,
-        coef_ce if has_labels else dummy, g, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
+    grid = lambda meta: (triton.cdiv(n, meta["BN"]) * triton.cdiv(width, meta["BV"]),)  # noqa: E731
+    kernel = _fld_dlogits_kernel_fp32 if xs.dtype == torch.float32 else _fld_dlogits_kernel
+    kernel[grid](
+        xs, ws, bs, xt, wt, bt, labels if has_labels else lse_s, lse_s, lse_t, lse_c, c, coef_div,
+        coef_ce if has_labels else lse_s, g, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
         v_start, v_stop, g.stride(0), xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
-        DIV=DIV_CODE[divergence], HAS_LABELS=has_labels, LOG_FLOOR=LOG_FLOOR,
-        UPCAST=_upcast(xs.dtype), BN=BN, BV=BV, BD=BD,
+        DIV=DIV_CODE[divergence], HAS_LABELS=has_labels, LOG_FLOOR=LOG_FLOOR, **_launch_meta(xs.dtype),
     )
     return g
 
 
+def _check_dtype(xs: torch.Tensor) -> None:
+    if xs.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"impl='triton' takes float32/bfloat16/float16 inputs and computes in fp32, got {xs.dtype}; "
+                         f"use impl='torch' (computes in float64 for float64 inputs) or cast the inputs")
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output (exact fp32 accumulation of 16-bit operands on CUDA)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return (a @ b).float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
 class FusedLinearDivergenceTriton(torch.autograd.Function):
     """Triton path; same contract as ``FusedLinearDivergenceFunction`` (returns (div, ce)).
-    forward(xs, ws, bs, xt, wt, bt, weight, labels, params); bs/bt (lm_head biases) must be None here."""
+
+    forward(xs [N, Ds], ws [V, Ds], bs [V] | None, xt [N, Dt], wt [Vt, Dt], bt [Vt] | None, weight [N] | None,
+    labels [N] | None, params: FusedLinearDivergenceParams). Gradients: xs, ws, bs.
+    """
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, weight, labels, params):
-        if xs.dtype == torch.float64:
-            raise ValueError("impl='triton' computes in fp32 and takes fp16/bf16/fp32 inputs, got torch.float64; "
-                             "use impl='torch' (computes in float64) or cast the inputs")
-        xs, ws, xt, wt = _contig(xs, ws, xt, wt)
+        _check_dtype(xs)
+        xs, ws, xt, wt = (x.contiguous() for x in (xs, ws, xt, wt))
+        bs, bt, labels = (x.contiguous() if x is not None else None for x in (bs, bt, labels))
         v, vc = ws.shape[0], min(ws.shape[0], wt.shape[0])
-        inv_t = params.inv_t
         fkl = params.divergence == "forward_kl"
         separate_ce = labels is not None and (params.temperature != 1.0 or v != vc)
-        lse_s, lse_t, lse_c, z_label, rows = fld_forward_stats(xs, ws, xt, wt, labels, inv_t, fkl, separate_ce)
+        lse_s, lse_t, lse_c, z_label, rows = fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, params.inv_t, fkl,
+                                                               separate_ce)
         c = torch.zeros_like(rows)
         if not fkl:
-            rows, c = fld_divergence_rows(xs, ws, xt, wt, lse_s, lse_t, inv_t, params.divergence, params.beta)
+            rows, c = fld_divergence_rows(xs, ws, bs, xt, wt, bt, lse_s, lse_t, params.inv_t, params.divergence,
+                                          params.beta)
         div, ce, w_rows, valid, n_valid = finish_rows(rows, lse_c, z_label, weight, labels, params.ignore_index,
                                                       params.reduction)
-        ctx.save_for_backward(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid)
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid)
         ctx.params = params
         return div.to(xs.dtype), ce.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_div, grad_ce):
-        xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid = ctx.saved_tensors
+        xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid = ctx.saved_tensors
         params = ctx.params
         n = xs.shape[0]
         coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid)
@@ -295,19 +397,25 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         coef_ce = coef_ce.float().contiguous() if coef_ce is not None else None
         v = ws.shape[0]
         vtot = v if labels is not None else min(v, wt.shape[0])
-        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dxs = torch.zeros(xs.shape, device=xs.device, dtype=torch.float32) if needs_dx else None
-        dws = torch.zeros(ws.shape, device=ws.device, dtype=ws.dtype) if needs_dw else None
-        bv = _blocks()[1]
-        chunk = max(bv, min(vtot, (CHUNK_ELEMS // max(n, 1)) // bv * bv))
-        buf = torch.empty(n, chunk, device=xs.device, dtype=torch.float32) if n > 0 else None
-        xs32 = xs.float()
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+        dev = xs.device
+        dxs = torch.zeros(xs.shape, device=dev, dtype=torch.float32) if needs_dx else None
+        dws = torch.zeros(ws.shape, device=dev, dtype=ws.dtype) if needs_dw else None
+        dbs = torch.zeros(v, device=dev, dtype=torch.float32) if needs_db else None
+        # G in bf16 for bf16 inputs (tensor-core GEMMs); fp16's range would flush small dlogits to zero
+        g_dtype = torch.bfloat16 if xs.dtype == torch.bfloat16 else torch.float32
+        chunk = max(256, min(vtot, CHUNK_ELEMS // max(n, 1)) // 256 * 256)
+        buf = torch.empty(n, chunk, device=dev, dtype=g_dtype) if n > 0 else None
+        x_g = xs.to(g_dtype)
         for v0 in range(0, vtot if n > 0 else 0, chunk):
             v1 = min(vtot, v0 + chunk)
-            g = fld_dlogits(xs, ws, xt, wt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, params.inv_t,
-                            params.divergence, params.beta, v0, v1, out=buf)
+            g = fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce,
+                            params.inv_t, params.divergence, params.beta, v0, v1, buf)
             if dxs is not None:
-                dxs.addmm_(g, ws[v0:v1].float())
+                dxs += _mm(g, ws[v0:v1].to(g_dtype))
             if dws is not None:
-                dws[v0:v1] = (g.T @ xs32).to(ws.dtype)
-        return (dxs.to(xs.dtype) if dxs is not None else None, dws) + (None,) * 7
+                dws[v0:v1] = (g.T @ x_g).to(ws.dtype)
+            if dbs is not None:
+                dbs[v0:v1] = g.sum(0, dtype=torch.float32)
+        return (dxs.to(xs.dtype) if dxs is not None else None, dws,
+                dbs.to(bs.dtype) if dbs is not None else None) + (None,) * 6

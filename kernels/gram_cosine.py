@@ -29,13 +29,43 @@ import triton
 import triton.language as tl
 
 from kdengine.kernels import interpreting
+from kdengine.kernels.tuning import configs, fixed_or_tuned
 
 
-def _default_blocks() -> tuple[int, int, int, int]:
-    """(BP, BD, BDM, num_warps) = (rows/cols of an R tile, reduction chunk over Ds/Dt, output columns
-    of the backward product, warps). Small blocks under the interpreter keep the numpy work per
-    program small and still exercise every mask on test shapes."""
-    return (16, 16, 16, 1) if interpreting() else (64, 32, 64, 4)
+GRAM_BLOCKS = ("BP", "BD", "BDM")
+# (blocks, num_warps, num_stages): every entry compiles for sm_80 and sm_90 without register spills
+# in fp32 (the path GramStatsTriton takes: A is fp32, so H is upcast) and in bf16 / fp16.
+GRAM_STATS_CONFIGS = configs([
+    ({"BP": 32, "BD": 16}, 4, 3),
+    ({"BP": 32, "BD": 32}, 4, 3),
+    ({"BP": 64, "BD": 16}, 4, 3),
+    ({"BP": 64, "BD": 32}, 4, 2),
+])
+GRAM_GRAD_CONFIGS = configs([
+    ({"BP": 32, "BD": 16, "BDM": 32}, 4, 3),
+    ({"BP": 32, "BD": 32, "BDM": 64}, 4, 3),
+    ({"BP": 64, "BD": 16, "BDM": 32}, 4, 3),
+    ({"BP": 64, "BD": 16, "BDM": 64}, 4, 2),
+])
+# Small blocks under the interpreter keep the numpy work per program small and still exercise
+# every mask on test shapes.
+INTERPRET_BLOCKS = {"BP": 16, "BD": 16, "BDM": 16}
+MIN_BP = 16  # smallest BP of any config: the forward's partial buffer is sized for it
+
+
+FIXED_BLOCKS = {"BP": 64, "BD": 32, "BDM": 64}  # on a GPU, for block sizes a caller fixes only in part
+
+
+def _fixed_blocks(names: tuple[str, ...], **given) -> dict:
+    """Block sizes a launch fixes: the caller's (the rest filled in), all of them under the interpreter,
+    else none (the autotuner picks)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given and not interpreting():
+        return {}
+    base = INTERPRET_BLOCKS if interpreting() else FIXED_BLOCKS
+    blocks = {n: given.get(n, base[n]) for n in names}
+    _check_blocks(blocks["BP"], blocks["BD"], blocks.get("BDM"))
+    return blocks
 
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -81,6 +111,8 @@ def _gram_tile(
     return b_r
 
 
+@triton.autotune(configs=GRAM_STATS_CONFIGS, key=["P", "Ds", "Dt", "BP", "BD"],
+                 prune_configs_by=fixed_or_tuned(GRAM_BLOCKS))
 @triton.heuristics({
     "UPCAST_S": lambda args: _needs_upcast(args["a_s"].dtype, args["h_s"].dtype),
     "UPCAST_T": lambda args: _needs_upcast(args["a_t"].dtype, args["h_t"].dtype),
@@ -88,13 +120,14 @@ def _gram_tile(
 @triton.jit
 def _gram_stats_kernel(
     a_s, h_s, a_t, h_t, partial,
-    P, Ds, Dt, NI, NJ,
+    P, Ds, Dt, stride_pb,
     stride_as_b, stride_as_p, stride_hs_b, stride_hs_p,
     stride_at_b, stride_at_p, stride_ht_b, stride_ht_p,
     BP: tl.constexpr, BD: tl.constexpr, SYMMETRIC: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """partial[b, i, j] = [sum R_s*R_t, sum R_s^2, sum R_t^2] over tile (i, j) of sample b.
+    """partial[b, i * NB + j] = [sum R_s*R_t, sum R_s^2, sum R_t^2] over tile (i, j) of sample b,
+    NB = cdiv(P, BP); partial [B, >= NB^2, 3] has row stride stride_pb.
 
     SYMMETRIC: only tiles j >= i run (the others keep the zeros the launcher allocated),
     off-diagonal tiles count twice.
@@ -125,12 +158,14 @@ def _gram_stats_kernel(
             b_ss = b_ss * 2.0
             b_tt = b_tt * 2.0
 
-    p_out = partial + ((i_b * NI + i_i) * NJ + i_j) * 3
+    p_out = partial + i_b * stride_pb + (i_i * tl.cdiv(P, BP) + i_j) * 3
     tl.store(p_out, b_st)
     tl.store(p_out + 1, b_ss)
     tl.store(p_out + 2, b_tt)
 
 
+@triton.autotune(configs=GRAM_GRAD_CONFIGS, key=["P", "Ds", "Dt", "Dm", "BP", "BD", "BDM"],
+                 prune_configs_by=fixed_or_tuned(GRAM_BLOCKS))
 @triton.heuristics({
     "UPCAST_S": lambda args: _needs_upcast(args["a_s"].dtype, args["h_s"].dtype),
     "UPCAST_T": lambda args: _needs_upcast(args["a_t"].dtype, args["h_t"].dtype),
@@ -217,12 +252,15 @@ def _check_gram_inputs(named: dict[str, torch.Tensor]) -> tuple[int, int]:
     return B, P
 
 
-def _check_blocks(BP: int, BD: int, BDM: int | None, input_precision: str) -> None:
+def _check_blocks(BP: int, BD: int, BDM: int | None) -> None:
     for name, v in (("BP", BP), ("BD", BD), ("BDM", BDM)):
         if v is None:
             continue
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {v}")
+
+
+def _check_precision(input_precision: str) -> None:
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
 
@@ -260,23 +298,22 @@ def gram_stats(
         R_s = a_s[b] @ h_s[b]^T, R_t = a_t[b] @ h_t[b]^T ([P, P], never materialised).
     """
     B, P = _check_gram_inputs({"a_s": a_s, "h_s": h_s, "a_t": a_t, "h_t": h_t})
-    bp, bd, _, num_warps = _default_blocks()
-    BP, BD = BP or bp, BD or bd
-    _check_blocks(BP, BD, None, input_precision)
+    _check_precision(input_precision)
+    blocks = _fixed_blocks(("BP", "BD"), BP=BP, BD=BD)
     if B == 0 or P == 0:
         return torch.zeros(B, 3, dtype=torch.float32, device=a_s.device)
     a_s, h_s, a_t, h_t = (_rows_contiguous(x) for x in (a_s, h_s, a_t, h_t))
-    NI = NJ = triton.cdiv(P, BP)
-    partial = torch.zeros(B, NI, NJ, 3, dtype=torch.float32, device=a_s.device)
-    _gram_stats_kernel[(NJ, NI, B)](
+    nb = triton.cdiv(P, min(MIN_BP, blocks.get("BP", MIN_BP)))  # tiles per side at the smallest BP
+    partial = torch.zeros(B, nb * nb, 3, dtype=torch.float32, device=a_s.device)
+    grid = lambda meta: (triton.cdiv(P, meta["BP"]), triton.cdiv(P, meta["BP"]), B)  # noqa: E731
+    _gram_stats_kernel[grid](
         a_s, h_s, a_t, h_t, partial,
-        P, a_s.shape[2], a_t.shape[2], NI, NJ,
+        P, a_s.shape[2], a_t.shape[2], partial.stride(0),
         *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
-        BP=BP, BD=BD, SYMMETRIC=bool(symmetric), DOT_PRECISION=input_precision,
-        num_warps=num_warps,
+        SYMMETRIC=bool(symmetric), DOT_PRECISION=input_precision, **blocks,
     )
-    # Fixed-order reduction of the [B, NI, NJ, 3] partials: deterministic, no atomics.
-    return partial.sum(dim=(1, 2), dtype=torch.float64).to(torch.float32)
+    # Fixed-order reduction of the partials (unused tiles stay 0): deterministic, no atomics.
+    return partial.sum(dim=1, dtype=torch.float64).to(torch.float32)
 
 
 def gram_grad_matmul(
@@ -305,9 +342,8 @@ def gram_grad_matmul(
             raise ValueError(f"{name} must be a tensor of shape ({B},) (one scalar per sample), got {_shape(c)}")
         if c.device != a_s.device:
             raise ValueError(f"{name} is on {c.device}, expected {a_s.device} like a_s")
-    bp, bd, bdm, num_warps = _default_blocks()
-    BP, BD, BDM = BP or bp, BD or bd, BDM or bdm
-    _check_blocks(BP, BD, BDM, input_precision)
+    _check_precision(input_precision)
+    blocks = _fixed_blocks(GRAM_BLOCKS, BP=BP, BD=BD, BDM=BDM)
     Dm = m.shape[2]
     out = torch.empty(B, P, Dm, dtype=torch.float32, device=a_s.device)
     if out.numel() == 0:
@@ -315,14 +351,13 @@ def gram_grad_matmul(
     a_s, h_s, a_t, h_t, m = (_rows_contiguous(x) for x in (a_s, h_s, a_t, h_t, m))
     coef_t = coef_t.to(torch.float32).contiguous()
     coef_s = coef_s.to(torch.float32).contiguous()
-    grid = (triton.cdiv(Dm, BDM), triton.cdiv(P, BP), B)
+    grid = lambda meta: (triton.cdiv(Dm, meta["BDM"]), triton.cdiv(P, meta["BP"]), B)  # noqa: E731
     _gram_grad_matmul_kernel[grid](
         a_s, h_s, a_t, h_t, coef_t, coef_s, m, out,
         P, a_s.shape[2], a_t.shape[2], Dm,
         *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
         *_strides(m), *_strides(out),
-        BP=BP, BD=BD, BDM=BDM, DOT_PRECISION=input_precision,
-        num_warps=num_warps,
+        DOT_PRECISION=input_precision, **blocks,
     )
     return out
 
