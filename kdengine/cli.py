@@ -8,6 +8,7 @@ adder in ``COMMANDS``. Heavy imports happen inside the run functions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -26,6 +27,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         text_only=args.text_only,
         vocab_size=args.vocab_size,
         questions=args.questions,
+        overwrite=args.overwrite,
     )
     for name, path in paths.items():
         print(f"{name:15s} {path}")
@@ -36,7 +38,8 @@ def _add_data(sub) -> None:
     data = sub.add_parser("data", help="datasets: synthetic data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = data_sub.add_parser("synth", help="write the synthetic shapes dataset and its tokenizer")
-    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")
+    synth.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--n-caption", type=int, default=600, help="caption (pre-training) records")
     synth.add_argument("--n-instruct", type=int, default=600, help="instruction records")
@@ -90,11 +93,13 @@ def _add_eval(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from kdengine.train.config import load_config
+    from kdengine.train.resume import check_resume
 
     cfg = load_config(args.config, args.set)  # a ConfigError comes before any model, dataset or DeepSpeed
+    changes = check_resume(cfg, args.resume)  # so do the run directory's and --resume's
     from kdengine.train.run import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, changes=changes)
     return 0
 
 
@@ -161,16 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors(command: str) -> tuple[tuple[type[Exception], ...], str]:
-    """(exception types, label) of the bad input to ``command`` (a value, a file, a line) that `main`
-    reports in one line with exit code 2; the messages name the value and what was expected."""
+def _user_errors(command: str) -> dict[type[Exception], str]:
+    """{exception type: label} of the bad input to ``command`` (a value, a file, a line, a sample) that
+    `main` reports in one line with exit code 2; the messages name the value and what was expected."""
     if command in ("train", "demo"):
+        from kdengine.data.records import BadSample
         from kdengine.train.config import ConfigError
+        from kdengine.train.batches import TrainInputError
 
-        return (ConfigError,), "config error"
+        return {ConfigError: "config error", BadSample: "error", TrainInputError: "error"}
     if command in ("data", "eval"):
-        return (ValueError, FileNotFoundError), "error"
-    return (), "error"
+        return {ValueError: "error", FileNotFoundError: "error"}
+    return {}
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as err:
-        types, label = _user_errors(args.command)
-        if not isinstance(err, types):
+        if args.command in ("train", "demo"):
+            from kdengine.train.stop import Preempted
+
+            if isinstance(err, Preempted):  # SIGTERM: the checkpoint is written, a requeued --resume loses nothing
+                if _is_main_rank():
+                    print(f"kdengine {args.command}: {err}", file=sys.stderr)
+                return 0
+        label = next((lab for t, lab in _user_errors(args.command).items() if isinstance(err, t)), None)
+        if label is None:
             raise
-        print(f"kdengine {args.command}: {label}: {err}", file=sys.stderr)
+        if _is_main_rank():  # every rank meets the same bad input; one line says it
+            print(f"kdengine {args.command}: {label}: {err}", file=sys.stderr)
         return 2
 
 

@@ -107,6 +107,7 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
              eval_batch_size: int = 32, max_new_tokens: int = 8, verbose: bool = True) -> dict:
     """Train and evaluate every row, write results.{json,md,png} into ``out``; returns the results dict."""
     from kdengine.eval.run import run_eval
+    from kdengine.train.resume import check_resume
     from kdengine.train.run import train
 
     t0 = time.time()
@@ -114,7 +115,7 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
     out = cfg.run.output_dir
     if cfg.synth is None:
         raise ValueError(f"{config}: synth is null; the demo evaluates on the synthetic held-out questions")
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, changes=check_resume(cfg, resume))
     t_train = time.time() - t0
 
     data = cfg.synth.out

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kdengine.train.config import ConfigError, TrainConfig, load_config
-from kdengine.train.session import check_run_dir
+from kdengine.train.resume import check_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -78,7 +78,7 @@ ERRORS = [
     ("wrong-type-int", ["run.seed=1.5"], 1, r"run\.seed = 1\.5 \(float\): expected an integer"),
     ("wrong-type-bool", ["engine.liger=maybe"], 1, r"engine\.liger = 'maybe': expected true or false"),
     ("wrong-type-list", ["stages.0.trainable=projector"], 1, r"stages\[0\]\.trainable = 'projector'.*expected a list"),
-    ("bad-kind", ["stages.0.kind=kd"], 1, r"stages\[0\]\.kind = 'kd': expected one of \['pt', 'sft', 'dpt', 'dft'\]"),
+    ("bad-kind", ["stages.0.kind=kd"], 1, r"stages\[0\]\.kind = 'kd': expected one of \['pt', 'sft', 'dpt', 'dft', 'teacher_cache'\]"),
     ("dft-without-teacher", ["stages.student_dft.teacher=null"], 1,
      r"stages\[4\] \(student_dft\): kind 'dft' needs a teacher; expected teacher: one of \['teacher'\]"),
     ("dpt-teacher-is-itself", ["stages.student_dpt.teacher=student"], 1,

@@ -12,8 +12,8 @@ from kdengine.train.config import ConfigError, StageConfig, TrainConfig, load_co
 __all__ = ["ConfigError", "StageConfig", "TrainConfig", "load_config", "train"]
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
-    """See `kdengine.train.run.train`."""
+def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = None) -> list[dict]:
+    """See `kdengine.train.run.train` (`kdengine.train.resume.check_resume` gives ``changes``)."""
     from kdengine.train.run import train as _train
 
-    return _train(cfg, resume)
+    return _train(cfg, resume, changes)

@@ -16,19 +16,32 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader
 
 from kdengine.data import LengthGroupedBatchSampler, LlavaCollator, LlavaDataset, build_dataset
-from kdengine.train.config import DatasetConfig, StageConfig
+from kdengine.data.records import BadSample
+from kdengine.train.config import ConfigError, DatasetConfig, StageConfig
 from kdengine.train.dist import DistInfo
 
-__all__ = ["StepPlan", "build_stage_dataset", "micro_batches"]
+__all__ = ["StepPlan", "TrainInputError", "build_stage_dataset", "micro_batches"]
 
 
-def build_stage_dataset(ds: DatasetConfig, processor, num_image_tokens: int, verbose: bool) -> LlavaDataset:
-    return build_dataset(
-        ds.path, processor.tokenizer, processor.image_processor, image_folder=ds.image_folder,
-        template=ds.template, num_image_tokens=num_image_tokens, max_length=ds.max_length,
-        pad_to_square=ds.pad_to_square, on_bad_sample=ds.on_bad_sample, check_images=ds.check_images,
-        verbose=verbose,
-    )
+class TrainInputError(ValueError):
+    """Input met during training that cannot be trained on (e.g. a micro-batch whose every sample was skipped)."""
+
+
+def build_stage_dataset(ds: DatasetConfig, processor, num_image_tokens: int, verbose: bool,
+                        context_length: int | None = None, name: str = "?") -> LlavaDataset:
+    """The stage's dataset (``datasets.<name>``); every sample fits ``context_length`` (the model's
+    max_position_embeddings)."""
+    try:
+        return build_dataset(
+            ds.path, processor.tokenizer, processor.image_processor, image_folder=ds.image_folder,
+            template=ds.template, num_image_tokens=num_image_tokens, max_length=ds.max_length,
+            truncation=ds.truncation, pad_to_square=ds.pad_to_square, on_bad_sample=ds.on_bad_sample,
+            check_images=ds.check_images, verbose=verbose, context_length=context_length,
+        )
+    except BadSample:
+        raise
+    except ValueError as err:  # max_length above the model's context, no usable sample, ...
+        raise ConfigError(f"datasets.{name}: {err}") from None
 
 
 @dataclass

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from kdengine.train.dist import DistInfo, barrier
+from kdengine.train.faults import fault
 
 __all__ = [
     "finished_stage",
     "latest_checkpoint",
     "load_checkpoint",
     "remove_checkpoints",
+    "remove_leftovers",
     "save_checkpoint",
     "save_stage_model",
 ]
@@ -92,6 +94,7 @@ def _save_pretrained(model, processor, out: str) -> None:
     was_training = model.training
     model.eval()
     model.save_pretrained(out)
+    fault("model_mid")  # the weights written, the processor and the marker not yet
     processor.save_pretrained(out)
     model.train(was_training)
 
@@ -129,10 +132,12 @@ def save_checkpoint(engine, stage_dir: str, step: int, client_state: dict, dist:
     barrier()
     engine.save_checkpoint(tmp, tag=DS_TAG, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
+    fault("ckpt_mid")  # DeepSpeed's state written, no RNG state, no marker
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist.rank}.pt"))
     barrier()
     if dist.is_main:
         _write_json(os.path.join(tmp, CKPT_MARKER), {"step": step, "world_size": dist.world_size, **client_state})
+        fault("ckpt_before_rename")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _complete(root)[:-keep]:
@@ -170,6 +175,19 @@ def load_checkpoint(engine, path: str, dist: DistInfo) -> dict:
         raise ValueError(f"{path}: DeepSpeed could not load the checkpoint")
     set_rng_state(torch.load(os.path.join(path, f"rng_rank{dist.rank}.pt"), weights_only=False))
     return meta
+
+
+def remove_leftovers(stage_dir: str) -> list[str]:
+    """Remove the temporary directories an interrupted write left in a stage directory (rank 0);
+    returns their paths. They are never read (only renamed, complete directories are)."""
+    root = _ckpt_root(stage_dir)
+    found = [os.path.join(stage_dir, ".model.tmp")]
+    if os.path.isdir(root):
+        found += [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith(".tmp-")]
+    found = [p for p in found if os.path.exists(p)]
+    for p in found:
+        shutil.rmtree(p)
+    return found
 
 
 def remove_checkpoints(stage_dir: str, dist: DistInfo) -> None:

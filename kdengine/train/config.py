@@ -42,6 +42,7 @@ import yaml
 
 from kdengine.cache.writer import CacheSettings
 from kdengine.data.synth import QUESTION_SETS
+from kdengine.eval.checkpoint_files import check_checkpoint_dir
 from kdengine.losses.objective import DistillSettings, LossWeights
 from kdengine.model.build import TINY_STUDENT, TINY_TEACHER, ModelSpec
 from kdengine.model.freeze import COMPONENTS
@@ -133,10 +134,19 @@ class DatasetConfig:
     path: str | list[str] = ""
     image_folder: str | None = None
     template: Literal["plain", "chat", "vicuna"] = "chat"
-    max_length: int | None = None
+    max_length: int | None = None  # tokens, image tokens included; null: the model's context (max_position_embeddings)
+    # Samples above the limit: truncate (cut the text after the last image, counted), skip (counted), error.
+    truncation: Literal["truncate", "skip", "error"] = "truncate"
     check_images: bool = True  # decode every image before training (slow on 558k: false there)
     on_bad_sample: Literal["error", "skip"] = "error"
     pad_to_square: bool = False
+
+    def __post_init__(self):
+        for p in self.path if isinstance(self.path, list) else [self.path]:
+            if p and not p.endswith((".json", ".jsonl")):
+                raise ValueError(f"path = {p!r}: expected a LLaVA .json (a list of records) or .jsonl file")
+        if self.max_length is not None:
+            _at_least("max_length", self.max_length, 2)
 
 
 @dataclass
@@ -617,10 +627,11 @@ def _check_paths(cfg: TrainConfig) -> None:
     """Every path the stages need exists, or lies under synth.out (written before training)."""
     pending = os.path.abspath(cfg.synth.out) if cfg.synth is not None else None
 
+    def under_synth(path: str) -> bool:
+        return bool(pending) and os.path.abspath(path).startswith(pending + os.sep)
+
     def need(key: str, path: str | None, kind: str) -> None:
-        if not path:
-            return
-        if pending and os.path.abspath(path).startswith(pending + os.sep):
+        if not path or under_synth(path):
             return
         ok = os.path.isdir(path) if kind == "dir" else os.path.exists(path)
         if not ok:
@@ -638,6 +649,11 @@ def _check_paths(cfg: TrainConfig) -> None:
                 raise ConfigError(f"models.{name}: {err}") from None
             for attr in ("path", "vision_tower", "language_model", "tokenizer"):
                 need(f"models.{name}.{attr}", getattr(spec, attr), "dir")
+                if attr != "tokenizer" and getattr(spec, attr) and not under_synth(getattr(spec, attr)):
+                    try:
+                        check_checkpoint_dir(getattr(spec, attr), "model")
+                    except (ValueError, FileNotFoundError) as err:
+                        raise ConfigError(f"models.{name}.{attr} = {getattr(spec, attr)!r}: {err}") from None
         trained_before.add(stage.model)
         ds = cfg.datasets[stage.data]
         paths = ds.path if isinstance(ds.path, list) else [ds.path]

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import yaml
 
 from kdengine.data import synthesize
-from kdengine.train.checkpoint import finished_stage, latest_checkpoint
-from kdengine.train.config import SynthConfig, TrainConfig
+from kdengine.train.checkpoint import remove_leftovers
+from kdengine.train.resume import check_run_dir
+from kdengine.train.stop import StopRequest
+from kdengine.train.config import ConfigError, SynthConfig, TrainConfig
 from kdengine.train.dist import DistInfo, barrier, init_distributed
 from kdengine.train.metrics import MetricsLog
 from kdengine.train.stage_models import TeacherCache
 
-__all__ = ["Session", "check_run_dir", "close_session", "ensure_synth", "open_session"]
+__all__ = ["Session", "close_session", "ensure_synth", "open_session"]
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Session:
     log: MetricsLog
     teachers: TeacherCache = field(default_factory=TeacherCache)
     latest: dict[str, str] = field(default_factory=dict)  # model name -> its latest stage output dir
-    steps_done: int = 0  # optimizer steps run by this process (all stages; for KDENGINE_KILL_AFTER_STEPS)
+    stop: StopRequest | None = None  # SIGTERM while the stages run (set by `kdengine.train.run.train`)
 
     @property
     def run_dir(self) -> str:
@@ -36,20 +37,6 @@ class Session:
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
-
-
-def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
-    """Refuse to overwrite a run with finished stages or checkpoints unless resuming (cheap, before init)."""
-    if resume:
-        return
-    found = [st.name for st in cfg.stages
-             if finished_stage(os.path.join(cfg.run.output_dir, st.name))
-             or latest_checkpoint(os.path.join(cfg.run.output_dir, st.name))]
-    if found:
-        raise ValueError(
-            f"run.output_dir = {cfg.run.output_dir!r} already holds stages {found}: "
-            f"expected --resume to continue that run, or another output_dir"
-        )
 
 
 def open_session(cfg: TrainConfig, resume: bool) -> Session:
@@ -66,24 +53,38 @@ def open_session(cfg: TrainConfig, resume: bool) -> Session:
     barrier()
     ensure_synth(cfg.synth, dist)
     log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), enabled=dist.is_main)
+    if dist.is_main:
+        _clean_up_after_a_kill(cfg, log)
+    barrier()
     return Session(cfg=cfg, dist=dist, resume=resume, log=log)
 
 
+def _clean_up_after_a_kill(cfg: TrainConfig, log: MetricsLog) -> None:
+    """Remove temporary checkpoint / model directories and a torn metrics line; one line says each."""
+    for st in cfg.stages:
+        for path in remove_leftovers(os.path.join(cfg.run.output_dir, st.name)):
+            print(f"removed {path}, left by an interrupted write", flush=True)
+    note = log.repair()
+    if note:
+        print(note, flush=True)
+
+
 def ensure_synth(synth: SynthConfig | None, dist: DistInfo) -> None:
-    """Write the synthetic dataset to ``synth.out`` if its meta.json is missing (rank 0, atomic)."""
+    """Write the synthetic dataset to ``synth.out`` if its meta.json is missing (rank 0). `synthesize`
+    writes a temporary sibling and renames it: a non-empty folder without meta.json is not its
+    output, and is refused rather than replaced."""
     if synth is None or os.path.isfile(os.path.join(synth.out, "meta.json")):
         return
     if dist.is_main:
-        tmp = synth.out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         print(f"synthesizing data into {synth.out}", flush=True)
-        synthesize(
-            tmp, seed=synth.seed, n_caption=synth.n_caption, n_instruct=synth.n_instruct, n_eval=synth.n_eval,
-            image_size=synth.image_size, vocab_size=synth.vocab_size, questions=synth.questions,
-        )
-        if os.path.isdir(synth.out):  # a folder without meta.json: an interrupted write, replace it
-            shutil.rmtree(synth.out)
-        os.replace(tmp, synth.out)
+        try:
+            synthesize(
+                synth.out, seed=synth.seed, n_caption=synth.n_caption, n_instruct=synth.n_instruct,
+                n_eval=synth.n_eval, image_size=synth.image_size, vocab_size=synth.vocab_size,
+                questions=synth.questions,
+            )
+        except ValueError as err:
+            raise ConfigError(f"synth.out: {err}") from None
     barrier()
 
 

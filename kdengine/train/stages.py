@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -32,18 +31,20 @@ from kdengine.train.checkpoint import (
     save_stage_model,
 )
 from kdengine.train.config import CACHE_KIND, EngineConfig, StageConfig, read_deepspeed_json, zero_stage
-from kdengine.train.batches import StepPlan, build_stage_dataset, micro_batches
+from kdengine.train.batches import StepPlan, TrainInputError, build_stage_dataset, micro_batches
 from kdengine.train.dist import DistInfo, all_reduce
+from kdengine.train.faults import fault
 from kdengine.train.metrics import Progress, peak_memory_mb
 from kdengine.train.stage_models import Teacher, apply_patches, load_model
 from kdengine.train.student_module import StudentObjective, teacher_outputs
 from kdengine.train.optim import WarmupCosine, build_optimizer
 from kdengine.train.plots import plot_stage
 from kdengine.train.session import Session
+from kdengine.train.stop import Preempted
 
 __all__ = ["StageParts", "build_engine", "build_stage", "deepspeed_config", "run_stage", "train_step"]
 
-KILL_ENV = "KDENGINE_KILL_AFTER_STEPS"  # fault injection for tests: SIGKILL after this many optimizer steps
+MAX_SKIPPED_IDS = 5  # ids of skipped samples kept per metrics record
 
 
 @dataclass
@@ -90,7 +91,8 @@ def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
     n_img = num_image_tokens(model)
     live = stage.distills and stage.teacher_cache is None
     teacher, share = _teacher(session, stage, model, processor) if live else (None, False)
-    dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
+    context = model.config.text_config.max_position_embeddings
+    dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, False, context, stage.data)
     collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
     if stage.teacher_cache is not None:  # verified and matched before any step; its rows come with the batches
         teacher, dataset, collator = open_stage_cache(session, stage, model, processor, dataset, collator)
@@ -106,7 +108,8 @@ def _skip(session: Session, stage: StageConfig, done: dict) -> dict:
     session.latest[stage.model] = model_dir(stage_dir)
     _release_if_stale(session, stage)
     return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": model_dir(stage_dir),
-            "steps": done["steps"], "seconds": done["seconds"], "loss": done.get("loss"), "skipped": True}
+            "steps": done["steps"], "seconds": done["seconds"], "loss": done.get("loss"),
+            "truncated": done.get("truncated"), "skipped": done.get("skipped"), "already_done": True}
 
 
 def _restore(session: Session, stage: StageConfig, parts: StageParts) -> tuple[int, float, str | None]:
@@ -126,8 +129,11 @@ def _restore(session: Session, stage: StageConfig, parts: StageParts) -> tuple[i
 def _finish(session: Session, stage: StageConfig, parts: StageParts, last: float | None, seconds: float) -> dict:
     """Save the Hugging Face directory, drop the mid-stage checkpoints, plot the loss curve."""
     stage_dir = session.stage_dir(stage.name)
+    summary = parts.dataset.summary
+    skipped = sum(r.get("skipped", 0) for r in session.log.records(stage.name))  # all ranks, resumed parts too
     info = {"stage": stage.name, "kind": stage.kind, "model": stage.model, "steps": parts.plan.total_steps,
-            "seconds": seconds, "loss": last, "trainable": stage.trainable}
+            "seconds": seconds, "loss": last, "trainable": stage.trainable, "truncated": summary.truncated,
+            "skipped": skipped}
     zero3 = zero_stage(session.cfg.engine) == 3
     path = save_stage_model(parts.model, parts.processor, stage_dir, info, session.dist, zero3=zero3)
     remove_checkpoints(stage_dir, session.dist)
@@ -137,11 +143,14 @@ def _finish(session: Session, stage: StageConfig, parts: StageParts, last: float
         note = plot_stage(session.log.records(stage.name), png, f"{stage.name} ({stage.kind})")
         if note:
             print(note, flush=True)
+    if session.dist.is_main and summary.skipped_during_training:
+        print(summary.format(), flush=True)  # the reasons and the first ids (rank 0's)
     parts.engine = parts.model = None
     gc.collect()
     _release_if_stale(session, stage)
     return {"stage": stage.name, "kind": stage.kind, "model": stage.model, "path": path,
-            "steps": parts.plan.total_steps, "seconds": seconds, "loss": last}
+            "steps": parts.plan.total_steps, "seconds": seconds, "loss": last, "skipped": skipped,
+            "truncated": summary.truncated}
 
 
 def _teacher(session: Session, stage: StageConfig, model, processor) -> tuple[Teacher, bool]:
@@ -203,13 +212,17 @@ def build_engine(objective: StudentObjective, stage: StageConfig, plan: StepPlan
 
 
 def train_step(engine, batches: list[dict], teacher: Teacher | None, share: bool):
-    """One optimizer step over this rank's micro-batches:
-    (mean detached loss terms, tokens read, global gradient norm before clipping)."""
+    """One optimizer step over this rank's micro-batches: (mean detached loss terms, tokens read,
+    global gradient norm before clipping, samples skipped while loading as `BadSample` errors)."""
     sums: dict[str, torch.Tensor] = {}
     tokens, gnorm = 0, None
+    skipped = [err for batch in batches for err in batch.get("skipped", ())]
     for i, batch in enumerate(batches):
-        if batch is None:
-            raise ValueError("a micro-batch had no loadable sample (every image failed); check the dataset's images")
+        if "input_ids" not in batch:
+            ids = ", ".join(f"{e.sample_id!r} ({e.reason})" for e in batch["skipped"][:MAX_SKIPPED_IDS])
+            raise TrainInputError(f"a micro-batch lost every sample while loading (ids {ids}, first at "
+                                  f"{batch['skipped'][0].where}); expected at least one loadable sample: "
+                                  f"set check_images: true to drop bad images before training")
         t_out, features = teacher_outputs(teacher, batch, share) if teacher is not None else (None, None)
         loss, terms = engine(batch, t_out, features)
         engine.backward(loss)
@@ -221,7 +234,7 @@ def train_step(engine, batches: list[dict], teacher: Teacher | None, share: bool
         tokens += int(batch["attention_mask"].sum())
     if gnorm is None:
         gnorm = engine.get_global_grad_norm()  # a tensor or a float (None if DeepSpeed computed none)
-    return {k: v / len(batches) for k, v in sums.items()}, tokens, gnorm
+    return {k: v / len(batches) for k, v in sums.items()}, tokens, gnorm, skipped
 
 
 def _plain_fp32(engine) -> bool:
@@ -234,11 +247,12 @@ def _grad_norm(engine) -> torch.Tensor | None:
 
 
 def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: int, t0: float) -> float | None:
-    """Optimizer steps ``start`` .. total: log, checkpoint every K steps; returns the last logged loss."""
+    """Optimizer steps ``start`` .. total: log, checkpoint every K steps (and at a SIGTERM, then
+    raise `Preempted`); returns the last logged loss. Samples skipped while loading are counted
+    into the dataset's summary and the next metrics record ("skipped": since the previous record)."""
     cfg, dist, plan, engine = session.cfg, session.dist, parts.plan, parts.engine
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
     progress = Progress(stage.name, plan.total_steps, start, dist.is_main)
-    last = None
+    last, pending = None, []  # pending: samples skipped since the last metrics record
     try:
         for epoch, first, micro in plan.epoch_steps(start):
             batches = micro_batches(parts.dataset, parts.collator, micro, cfg.engine.num_workers)
@@ -247,31 +261,39 @@ def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: 
                 lr = engine.get_lr()[0]
                 t_step = time.perf_counter()
                 step_batches = [next(batches) for _ in range(plan.accum)]
-                terms, tokens, gnorm = train_step(engine, step_batches, parts.teacher, parts.share)
+                terms, tokens, gnorm, skipped = train_step(engine, step_batches, parts.teacher, parts.share)
+                for err in skipped:
+                    parts.dataset.summary.add_during_training(err)
+                pending += skipped
                 record = None
                 if step % cfg.run.log_every == 0 or step == plan.total_steps:
                     seconds = time.perf_counter() - t_step
-                    record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist)
+                    record = _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist, pending)
                     session.log.write(record)
-                    last = record["loss"]
+                    last, pending = record["loss"], []
                 progress.update(record, 1)
-                if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step < plan.total_steps:
+                fault("after_step")
+                stop = session.stop is not None and session.stop.requested(dist.device)
+                due = stage.checkpoint_every and step % stage.checkpoint_every == 0
+                if (due or stop) and step < plan.total_steps:
                     state = {"stage": stage.name, "step": step, "total_steps": plan.total_steps,
                              "seconds": time.time() - t0}
-                    save_checkpoint(engine, session.stage_dir(stage.name), step, state, dist, cfg.run.keep_checkpoints)
-                session.steps_done += 1
-                if kill_after and session.steps_done >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    path = save_checkpoint(engine, session.stage_dir(stage.name), step, state, dist,
+                                           cfg.run.keep_checkpoints)
+                    if stop:
+                        raise Preempted(f"SIGTERM: stopped after step {step}/{plan.total_steps} of stage "
+                                        f"{stage.name!r} with checkpoint {path}; --resume continues from it")
     finally:
         progress.close()
     return last
 
 
-def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist) -> dict:
-    """Metrics of one step, averaged (terms) or summed (tokens) over ranks."""
+def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist, skipped) -> dict:
+    """Metrics of one step, averaged (terms) or summed (tokens, skipped samples) over ranks."""
     names = [k for k in LOSS_TERMS if k in terms]
     vec = torch.stack([terms[k].float().to(dist.device) for k in names]
-                      + [torch.tensor(float(tokens), device=dist.device)])
+                      + [torch.tensor(float(len(skipped)), device=dist.device),
+                         torch.tensor(float(tokens), device=dist.device)])
     vec = all_reduce(vec).cpu()
     seconds = float(all_reduce(torch.tensor([seconds], device=dist.device), op="max").item())
     record = {"stage": stage.name, "kind": stage.kind, "step": step, "total_steps": plan.total_steps, "epoch": epoch}
@@ -284,7 +306,10 @@ def _record(stage, step, plan, epoch, terms, tokens, lr, gnorm, seconds, dist) -
         step_time_s=seconds,
         peak_mem_mb=peak_memory_mb(dist.device),
         time=time.time(),
+        skipped=int(vec[-2]),
     )
+    if skipped:
+        record["skipped_ids"] = [f"{e.sample_id!r} ({e.reason})" for e in skipped[:MAX_SKIPPED_IDS]]
     return record
 
 
