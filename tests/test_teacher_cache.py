@@ -304,10 +304,11 @@ def test_a_cache_for_another_stage_names_the_field(tiny, topk_cache, field, chan
 
 def test_missing_sample_and_other_tokenization_are_named(tiny, hidden_cache):
     reader = TeacherCacheReader(hidden_cache)
-    with pytest.raises(CacheError, match="sample index 24 .* is missing"):
+    with pytest.raises(CacheError, match=r"sample 'ins-999' \(index 24\) is missing"):
         reader.sample(24, "ins-999")
-    with pytest.raises(CacheError, match="stage's record id is 'other'"):
+    with pytest.raises(CacheError, match=r"sample 'other' \(index 0\) is missing"):
         reader.sample(0, "other")
+    assert torch.equal(reader.sample(0, "ins-000005")["positions"], reader.sample(5)["positions"])  # found by id
     s = {**tiny.dataset[4], "cache_index": 4}  # as another template would mask it: one label less
     s["labels"] = s["labels"].clone()
     s["labels"][int((s["labels"] != -100).nonzero()[0])] = -100

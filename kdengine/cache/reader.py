@@ -52,6 +52,10 @@ class TeacherCacheReader:
         if m.mode == "hidden" and m.head is None:
             raise CacheError(f"teacher cache {directory!r}: hidden mode but no {HEAD} in the manifest")
         self._where = {int(i): (sh["file"], sid) for sh in m.shards for i, sid in sh["samples"]}
+        ids = [str(sid) for _, sid in self._where.values()]
+        # unique record ids: a sample is found by its id, so a stage whose dataset drops other samples
+        # (another context length) still finds it; else by dataset index, checked against the id
+        self._by_id = {str(sid): i for i, (_, sid) in self._where.items()} if len(set(ids)) == len(ids) else None
         self._skipped = {int(i): sid for i, sid in m.skipped}
         self._handles: dict = {}
         self.reads = 0  # samples read by this process (tests check that a rank reads only its own)
@@ -70,24 +74,26 @@ class TeacherCacheReader:
         t = read_tensors(os.path.join(self.directory, HEAD), ["lm_head_weight", "weight_gram"])
         return t["lm_head_weight"].to(device), t["weight_gram"].to(device)
 
-    def locate(self, index: int, sample_id=None) -> str:
-        """The shard holding sample ``index``; CacheError if it is missing or holds another record id."""
-        index = int(index)
+    def locate(self, index: int, sample_id=None) -> tuple[str, int]:
+        """(shard, cache index) of the stage's sample ``index`` with record id ``sample_id``: found by id when
+        the cache's ids are unique, else by index; CacheError if it is missing or holds another record id."""
+        given = int(index)
+        index = given if self._by_id is None or sample_id is None else self._by_id.get(str(sample_id), -1)
         if index not in self._where:
-            why = ("its images failed to load when the cache was written" if index in self._skipped
+            skipped = given in self._skipped and str(self._skipped[given]) == str(sample_id)
+            why = ("its images failed to load when the cache was written" if skipped
                    else f"the cache holds {len(self._where)} samples of {self.manifest.num_samples}")
-            raise CacheError(f"sample index {index} (id {sample_id!r}) is missing from teacher cache "
+            raise CacheError(f"sample {sample_id!r} (index {given}) is missing from teacher cache "
                              f"{self.directory!r}: {why}; expected every sample the stage reads")
         file, sid = self._where[index]
         if sample_id is not None and str(sid) != str(sample_id):
             raise CacheError(f"sample index {index}: the stage's record id is {sample_id!r} but teacher cache "
                              f"{self.directory!r} holds id {sid!r} there; expected the dataset the cache was written from")
-        return file
+        return file, index
 
     def sample(self, index: int, sample_id=None) -> dict[str, torch.Tensor]:
         """positions Int32[n] and hidden [n, Dt] | ids Int32[n, K], logprobs [n, K], gram (if images)."""
-        index = int(index)
-        file = self.locate(index, sample_id)
+        file, index = self.locate(index, sample_id)
         if file not in self._handles:
             handle = safe_open(os.path.join(self.directory, file), framework="pt")
             self._handles[file] = (handle, set(handle.keys()))

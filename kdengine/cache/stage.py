@@ -61,7 +61,8 @@ def run_cache_stage(session, index: int, stage) -> dict:
         model, processor = load_model(cfg.models[stage.model], session.latest.get(stage.model), dist.device)
         model.eval().requires_grad_(False)
         n_img = num_image_tokens(model)
-        dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, verbose=False)
+        context = model.config.text_config.max_position_embeddings
+        dataset = build_stage_dataset(stage.data, cfg.datasets[stage.data], processor, n_img, context, verbose=False)
         collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
         fp = stage_fingerprint(cfg, stage, processor, n_img)
         fp["teacher"] = teacher_fingerprint(_teacher_source(session, stage.model))
