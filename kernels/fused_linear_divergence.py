@@ -125,6 +125,7 @@ def _fld_stats(
 
     p_part [4, n_split, N] fp32: partial lse_s, lse_t (T, columns < VC), lse_c (T = 1, columns < V;
     only with SEPARATE_CE) and, with FKL, sum p_t (z_t - z_s) / T under the split's teacher softmax.
+    Dots: HMMA (sm_80) / HGMMA (sm_90) / v_mfma (gfx942) for bf16/fp16; FFMA for fp32 ("ieee").
     """
     i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -187,7 +188,9 @@ def _fld_rows(
     DIV: tl.constexpr, LOG_FLOOR: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     UPCAST: tl.constexpr, GROUP_N: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
-    """p_part [2, n_split, N] fp32: the split's sum of loss terms and of p_s h (rows, c)."""
+    """p_part [2, n_split, N] fp32: the split's sum of loss terms and of p_s h (rows, c).
+
+    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; FFMA for fp32 ("ieee")."""
     i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -220,7 +223,9 @@ def _fld_dlogits(
     HAS_BT: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
-    """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start] (g's dtype)."""
+    """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start] (g's dtype).
+
+    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; FFMA for fp32 ("ieee")."""
     i_n, i_v = _grouped_ids(tl.program_id(0), N, tl.cdiv(v_stop - v_start, BV), BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N

@@ -35,17 +35,19 @@ from kdengine.kernels.tuning import configs, fixed_or_tuned
 GRAM_BLOCKS = ("BP", "BD", "BDM")
 # (blocks, num_warps, num_stages): every entry compiles for sm_80 and sm_90 without register spills
 # in fp32 (the path GramStatsTriton takes: A is fp32, so H is upcast) and in bf16 / fp16.
+# (ptxas: 0 bytes stack and spill; HMMA / HGMMA / v_mfma in bf16 and fp16; fp32 "ieee" is FFMA).
+# The backward product holds an R tile and an output tile: BP = 64 or BDM = 64 spills there.
 GRAM_STATS_CONFIGS = configs([
     ({"BP": 32, "BD": 16}, 4, 3),
-    ({"BP": 32, "BD": 32}, 4, 3),
+    ({"BP": 32, "BD": 16}, 4, 4),
     ({"BP": 64, "BD": 16}, 4, 3),
     ({"BP": 64, "BD": 32}, 4, 2),
 ])
 GRAM_GRAD_CONFIGS = configs([
+    ({"BP": 32, "BD": 16, "BDM": 16}, 4, 3),
+    ({"BP": 32, "BD": 16, "BDM": 32}, 4, 2),
     ({"BP": 32, "BD": 16, "BDM": 32}, 4, 3),
-    ({"BP": 32, "BD": 32, "BDM": 64}, 4, 3),
-    ({"BP": 64, "BD": 16, "BDM": 32}, 4, 3),
-    ({"BP": 64, "BD": 16, "BDM": 64}, 4, 2),
+    ({"BP": 32, "BD": 32, "BDM": 32}, 4, 3),
 ])
 # Small blocks under the interpreter keep the numpy work per program small and still exercise
 # every mask on test shapes.
@@ -53,7 +55,7 @@ INTERPRET_BLOCKS = {"BP": 16, "BD": 16, "BDM": 16}
 MIN_BP = 16  # smallest BP of any config: the forward's partial buffer is sized for it
 
 
-FIXED_BLOCKS = {"BP": 64, "BD": 32, "BDM": 64}  # on a GPU, for block sizes a caller fixes only in part
+FIXED_BLOCKS = {"BP": 32, "BD": 16, "BDM": 32}  # on a GPU, for block sizes a caller fixes only in part
 
 
 def _fixed_blocks(names: tuple[str, ...], **given) -> dict:
@@ -130,7 +132,9 @@ def _gram_stats_kernel(
     NB = cdiv(P, BP); partial [B, >= NB^2, 3] has row stride stride_pb.
 
     SYMMETRIC: only tiles j >= i run (the others keep the zeros the launcher allocated),
-    off-diagonal tiles count twice.
+    off-diagonal tiles count twice. Dots: bf16/fp16 pairs compile to HMMA (sm_80) / HGMMA (sm_90) /
+    v_mfma (gfx942); fp32 (and upcast) operands with DOT_PRECISION="ieee" compile to FFMA on CUDA
+    cores, no tensor-core instruction.
     """
     i_j = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1).to(tl.int64)
@@ -180,7 +184,11 @@ def _gram_grad_matmul_kernel(
     BP: tl.constexpr, BD: tl.constexpr, BDM: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32)."""
+    """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32).
+
+    The (R_t, R_s) combination is fp32, so the product with m is an fp32 dot: FFMA with
+    DOT_PRECISION="ieee" (the R tiles themselves use HMMA / HGMMA for bf16/fp16 A and H).
+    """
     i_k = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -373,6 +381,7 @@ class GramStatsTriton(torch.autograd.Function):
     gradient. Backward, with dR_s = g_st R_t + 2 g_ss R_s (symmetric) from grad_stats [B, 3]:
         dH_s = 2 dR_s A_s,  dG_s = sum_b H_s^T dR_s H_s,
     both from one `gram_grad_matmul` over m = [A_s | H_s] (the R tiles are recomputed once).
+    A = H G is fp32 here, so the kernels upcast H and run their dots as fp32 "ieee" (FFMA).
     """
 
     @staticmethod
