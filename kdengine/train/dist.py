@@ -56,8 +56,32 @@ def init_distributed(backend: str | None = None, cpu_threads: int | None = None)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription
     import deepspeed
 
+    if device.type == "cpu" and local_rank == 0:
+        note = cpu_op_build_note()
+        if note:
+            print(note, flush=True)
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def cpu_op_build_note() -> str | None:
+    """The line to print when DeepSpeed's CPU communication op is not built yet (its first start
+    compiles it, silently, for 2.5-3.5 minutes on 2 cores; later starts load the cached build)."""
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return None
+        build_dir = _get_build_directory(builder.NAME, verbose=False)
+    except Exception:  # a DeepSpeed without this op or layout: nothing to say
+        return None
+    if os.path.isfile(os.path.join(build_dir, f"{builder.NAME}.so")):
+        return None
+    return (f"compiling DeepSpeed's CPU op {builder.NAME}, once, ~3 min on 2 cores "
+            f"(cached in {build_dir}; later starts take seconds)")
 
 
 def barrier() -> None:
