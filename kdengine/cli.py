@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from kdengine.cache.commands import add_teacher_cache  # argparse only (kdengine.cache loads lazily)
+
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from kdengine.data.synth import synthesize
@@ -155,7 +157,7 @@ def _add_demo(sub) -> None:
 
 
 # One adder per top-level command; train / eval / demo go here.
-COMMANDS = (_add_data, _add_eval, _add_train, _add_demo)
+COMMANDS = (_add_data, _add_eval, _add_train, _add_demo, add_teacher_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,9 +174,10 @@ def _user_errors(command: str) -> dict[type[Exception], str]:
     if command in ("train", "demo"):
         from kdengine.data.records import BadSample
         from kdengine.train.config import ConfigError
+        from kdengine.cache.manifest import CacheError
         from kdengine.train.batches import TrainInputError
 
-        return {ConfigError: "config error", BadSample: "error", TrainInputError: "error"}
+        return {ConfigError: "config error", BadSample: "error", TrainInputError: "error", CacheError: "error"}
     if command in ("data", "eval"):
         return {ValueError: "error", FileNotFoundError: "error"}
     return {}
