@@ -6,30 +6,26 @@
             visual Gram matrix: forward KL over the top-k support, RDist from the stored Gram
 
     from kdengine.cache import CacheSettings, write_teacher_cache, TeacherCacheReader, import_topk_jsonl
+
+Names load on first use (PEP 562), so ``kdengine.cache.commands`` (the CLI's argparse part) imports
+without torch.
 """
 
-from kdengine.cache.format import bytes_per_sample, head_bytes
-from kdengine.cache.importer import import_topk_jsonl
-from kdengine.cache.manifest import CacheError, Manifest, load_manifest
-from kdengine.cache.objective import gram_cosine_from_teacher_gram, topk_kd_loss
-from kdengine.cache.reader import CachedCollator, CachedTeacher, IndexedDataset, TeacherCacheReader, TopKTargets
-from kdengine.cache.writer import CacheSettings, CacheWriter, write_teacher_cache
+import importlib
 
-__all__ = [
-    "CacheError",
-    "CacheSettings",
-    "CacheWriter",
-    "CachedCollator",
-    "CachedTeacher",
-    "IndexedDataset",
-    "Manifest",
-    "TeacherCacheReader",
-    "TopKTargets",
-    "bytes_per_sample",
-    "gram_cosine_from_teacher_gram",
-    "head_bytes",
-    "import_topk_jsonl",
-    "load_manifest",
-    "topk_kd_loss",
-    "write_teacher_cache",
-]
+_EXPORTS = {
+    "bytes_per_sample": "format", "head_bytes": "format",
+    "import_topk_jsonl": "importer",
+    "CacheError": "manifest", "Manifest": "manifest", "load_manifest": "manifest",
+    "gram_cosine_from_teacher_gram": "objective", "topk_kd_loss": "objective",
+    "CachedCollator": "reader", "CachedTeacher": "reader", "IndexedDataset": "reader",
+    "TeacherCacheReader": "reader", "TopKTargets": "reader",
+    "CacheSettings": "writer", "CacheWriter": "writer", "write_teacher_cache": "writer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdengine.cache' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdengine.cache.{_EXPORTS[name]}"), name)

@@ -112,7 +112,7 @@ def _import(args) -> int:
     model, processor = load_model(cfg.models[stage.model], None, "cpu")  # for the tokenizer and the shapes
     n_img = num_image_tokens(model)
     context = model.config.text_config.max_position_embeddings
-    dataset = build_stage_dataset(stage.data, cfg.datasets[stage.data], processor, n_img, context, verbose=False)
+    dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, False, context, stage.data)
     fp = {**stage_fingerprint(cfg, stage, processor, n_img), "teacher": {"external": args.teacher_name}}
     import_topk_jsonl(args.file, dataset, cache_dir(cfg, stage.teacher_cache), k=k, temperature=temperature,
                       fingerprint=fp, vocab_rows=model.get_output_embeddings().weight.shape[0], dtype=dtype,

@@ -42,7 +42,9 @@ def _teacher_source(session, model_name: str):
 def stage_fingerprint(cfg, stage, processor, n_img: int) -> dict:
     """The fingerprint fields a stage's data gives (all but the teacher)."""
     ds = cfg.datasets[stage.data]
-    return {**fingerprint({}, ds.path, ds.template, ds.max_length, processor), "num_image_tokens": n_img}
+    fp = fingerprint({}, ds.path, ds.template, ds.max_length, processor)
+    del fp["teacher"]
+    return {**fp, "num_image_tokens": n_img}
 
 
 def run_cache_stage(session, index: int, stage) -> dict:
@@ -62,7 +64,7 @@ def run_cache_stage(session, index: int, stage) -> dict:
         model.eval().requires_grad_(False)
         n_img = num_image_tokens(model)
         context = model.config.text_config.max_position_embeddings
-        dataset = build_stage_dataset(stage.data, cfg.datasets[stage.data], processor, n_img, context, verbose=False)
+        dataset = build_stage_dataset(cfg.datasets[stage.data], processor, n_img, False, context, stage.data)
         collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
         fp = stage_fingerprint(cfg, stage, processor, n_img)
         fp["teacher"] = teacher_fingerprint(_teacher_source(session, stage.model))
