@@ -25,13 +25,14 @@ SECTIONS = {
 def record(section: str, test: str, rows: list[dict], strip=None) -> None:
     """Replace the rows ``test`` (e.g. "test_reliability_data.py::test_x") gave ``section`` and
     re-render; a row is a dict keyed by the section's columns except "test". ``strip``: a
-    temporary folder whose path is shown as "..." (so the table does not change run to run)."""
+    temporary folder (or a list of them) whose path is shown as "..." (so the table does not
+    change run to run)."""
     title, columns = SECTIONS[section]
     for row in rows:
         if set(row) != set(columns) - {"test"}:
             raise ValueError(f"row {row}: expected the columns {columns[:-1]}")
-    if strip is not None:
-        rows = [{k: str(v).replace(str(strip), "...") for k, v in row.items()} for row in rows]
+    for folder in [] if strip is None else strip if isinstance(strip, list) else [strip]:
+        rows = [{k: str(v).replace(str(folder), "...") for k, v in row.items()} for row in rows]
     rows = [dict(row, test=test) for row in rows]
     folder = os.path.join(ROOT, "reliability")
     os.makedirs(folder, exist_ok=True)

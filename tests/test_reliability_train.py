@@ -142,3 +142,127 @@ def test_sigterm_checkpoints_at_the_step_boundary_exits_0_and_resume_loses_nothi
     record("bad_inputs", f"{HERE}::test_sigterm[resume-change]", [{
         "input": "--resume --set stages.s_dft.lr=0.5 (the checkpoint ran with 0.001)", "policy": "-",
         "what it gets": f"exit 2, one line: {err.strip()}"}], strip=tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit code 2
+
+SFT = dict(name="s_sft", kind="sft", model="student", data="instruct", lr=1e-3, batch_size=4, micro_batch_size=4,
+           max_steps=2)
+
+
+def _small_dataset(data_dir: str, out, n: int = 8) -> tuple[str, str, list]:
+    """``n`` image records of the synthetic instructions with their own copies of the images:
+    (jsonl path, image folder, records). With batch 4 and 2 steps every record is read once."""
+    with open(os.path.join(data_dir, "instruct.json")) as f:
+        rows = [r for r in json.load(f) if "image" in r][:n]
+    images = out / "images"
+    for r in rows:
+        os.makedirs(images / os.path.dirname(r["image"]), exist_ok=True)
+        shutil.copy(os.path.join(data_dir, "images", r["image"]), images / r["image"])
+    path = out / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), str(images), rows
+
+
+def _small_config(tmp_path, data_dir, **dataset) -> str:
+    path, images, _ = _small_dataset(data_dir, tmp_path)
+    config = write_config(tmp_path / "cfg.yaml", data_dir, str(tmp_path / "run"), [SFT])
+    with open(config) as f:
+        cfg = json.loads(json.dumps(__import__("yaml").safe_load(f)))
+    cfg["datasets"]["instruct"] = {"path": path, "image_folder": images, "template": "chat", **dataset}
+    with open(config, "w") as f:
+        __import__("yaml").safe_dump(cfg, f)
+    return config
+
+
+def _one_line(proc_or_err: str, prefix: str) -> str:
+    lines = [ln for ln in proc_or_err.splitlines() if ln.startswith("kdengine train:")]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc_or_err[-3000:]
+    assert "Traceback" not in proc_or_err and "[rank0]:" not in proc_or_err, proc_or_err[-3000:]
+    return lines[0]
+
+
+def test_config_time_errors_are_one_line_before_anything_loads(reference, data_dir, tmp_path, capsys):
+    notype = tmp_path / "not_a_checkpoint"
+    notype.mkdir()
+    (notype / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    cases = {
+        "a data file with the wrong extension (.txt)": ["--set", f"datasets.instruct.path={tmp_path / 'data.txt'}"],
+        "a model dir whose config.json has no model_type": ["--set", "models.teacher.source=llava",
+                                                            "--set", f"models.teacher.path={notype}"],
+        "an existing run dir without --resume": [],
+    }
+    patterns = {
+        "a data file with the wrong extension (.txt)": r"datasets\.instruct\.path = '.*data\.txt': expected a LLaVA \.json",
+        "a model dir whose config.json has no model_type": r"models\.teacher\.path = '.*not_a_checkpoint': model checkpoint .*config\.json: no 'model_type'",
+        "an existing run dir without --resume": r"run\.output_dir = '.*' already holds stages \['s_dft'\]: expected --resume",
+    }
+    rows = []
+    for name, args in cases.items():
+        code = main(["train", reference["config"], *args])
+        err = capsys.readouterr().err
+        line = _one_line(err, "kdengine train: config error: ")
+        assert code == 2 and err.count("\n") == 1 and re.search(patterns[name], line), err
+        rows.append({"input": f"kdengine train, {name}", "policy": "-", "what it gets": f"exit {code}, one line: {line}"})
+    record("bad_inputs", f"{HERE}::test_config_time_errors", rows,
+           strip=[tmp_path, os.path.dirname(reference["run_dir"])])
+
+
+def test_bad_sample_under_error_is_one_line_before_training(data_dir, tmp_path):
+    config = _small_config(tmp_path, data_dir)
+    _, _, rows = _small_dataset(data_dir, tmp_path)
+    (tmp_path / "images" / rows[3]["image"]).write_bytes(b"not a png")
+    proc = train(config)
+    line = _one_line(proc.stderr, "kdengine train: error: bad sample id=")
+    assert proc.returncode == 2 and f"id={rows[3]['id']!r} at {tmp_path / 'small.jsonl'}:4 [image_corrupt]" in line
+    assert "== stage" not in proc.stdout  # before the stage's engine was built
+    record("bad_inputs", f"{HERE}::test_bad_sample_under_error", [{
+        "input": "kdengine train, a corrupt image", "policy": "on_bad_sample: error",
+        "what it gets": f"exit {proc.returncode}, one line: {line}"}], strip=tmp_path)
+
+
+def test_lazily_decoded_images_are_counted_under_skip_and_one_line_under_error(data_dir, tmp_path):
+    skip_dir, error_dir = tmp_path / "skip", tmp_path / "error"
+    skip_dir.mkdir(), error_dir.mkdir()
+    runs = {}
+    for folder, policy in ((skip_dir, "skip"), (error_dir, "error")):
+        config = _small_config(folder, data_dir, check_images=False, on_bad_sample=policy)
+        _, _, rows = _small_dataset(data_dir, folder)
+        gone = [rows[1], rows[6]]
+        for r in gone:
+            os.remove(folder / "images" / r["image"])
+        runs[policy] = (train(config), gone, str(folder / "run"))
+
+    proc, gone, run_dir = runs["skip"]
+    check_ok(proc, "the run with two missing images under skip")
+    recs = [r for r in metrics(run_dir) if "step" in r]
+    assert sum(r["skipped"] for r in recs) == len(gone)
+    assert sorted(i for r in recs for i in r.get("skipped_ids", [])) == sorted(f"{r['id']!r} (image_missing)" for r in gone)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        (row,) = json.load(f)
+    assert row["skipped"] == len(gone) and row["truncated"] == 0
+    assert f"skipped during training: {len(gone)} sample reads\n  image_missing: {len(gone)}" in proc.stdout
+    assert re.search(rf"s_sft\s+sft\s+student\s+2\s+\S+\s+\S+\s+0\s+{len(gone)}\s", proc.stdout), proc.stdout[-1500:]
+
+    proc_e, gone_e, _ = runs["error"]
+    line = _one_line(proc_e.stderr, "kdengine train: error: bad sample id=")
+    assert proc_e.returncode == 2 and "[image_missing]" in line and any(repr(r["id"]) in line for r in gone_e)
+    record("bad_inputs", f"{HERE}::test_lazily_decoded_images", [
+        {"input": f"{len(gone)} images missing at training time (check_images: false)", "policy": "on_bad_sample: skip",
+         "what it gets": f"exit 0; metrics.jsonl skipped: {sum(r['skipped'] for r in recs)} with their ids; "
+                         f"summary skipped: {row['skipped']}"},
+        {"input": "an image missing at training time (check_images: false)", "policy": "on_bad_sample: error",
+         "what it gets": f"exit {proc_e.returncode}, one line: {line}"},
+    ], strip=tmp_path)
+
+
+def test_deepspeed_compile_note_only_when_the_op_is_not_built(tmp_path, monkeypatch):
+    from kdengine.train.dist import cpu_op_build_note
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    note = cpu_op_build_note()
+    assert note.startswith("compiling DeepSpeed's CPU op deepspeed_shm_comm, once, ~3 min")
+    built = tmp_path / "deepspeed_shm_comm"
+    built.mkdir(exist_ok=True)  # _get_build_directory made it
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert cpu_op_build_note() is None
