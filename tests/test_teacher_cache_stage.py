@@ -3,7 +3,8 @@
 Two runs with the same stage list: [teacher_cache t_cache, dft s_dft]. In the online run s_dft
 names ``teacher: teacher``; in the cached run ``teacher_cache: t_cache`` and never loads the
 teacher. Their per-step losses must agree to 1e-6 relative over 5 steps (each term to 1e-6 of the
-loss) and the students end equal. A third run reads the cache under another template and must fail before any step.
+loss) and the students end equal. A top-k cache with k = V (fp32) must give the online losses up to fp32 rounding (the full
+teacher distribution). A run reading the cache under another template must fail before any step.
 """
 
 import json
@@ -36,7 +37,7 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-def write_config(path, data_dir, run_dir, dft: dict, template="chat") -> str:
+def write_config(path, data_dir, run_dir, dft: dict, template="chat", cache=None) -> str:
     tok = os.path.join(data_dir, "tokenizer")
     cfg = {
         "run": {"output_dir": run_dir, "seed": 0},
@@ -46,7 +47,7 @@ def write_config(path, data_dir, run_dir, dft: dict, template="chat") -> str:
         "models": {name: {"source": "tiny", "tokenizer": tok, "tiny": tiny} for name, tiny in MODELS.items()},
         "stages": [
             {"name": "t_cache", "kind": "teacher_cache", "model": "teacher", "data": "instruct",
-             "cache": {"mode": "hidden", "batch_size": 4, "shard_samples": 8}},
+             "cache": cache or {"mode": "hidden", "batch_size": 4, "shard_samples": 8}},
             {"name": "s_dft", "kind": "dft", "model": "student", "data": "instruct", "lr": 1e-3,
              "batch_size": 4, "micro_batch_size": 2, "max_steps": STEPS, **dft},
         ],
@@ -106,6 +107,19 @@ def test_cached_dft_stage_equals_the_online_one(runs):
     for name, ref in sb.items():
         torch.testing.assert_close(sa[name], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert "wrote 0 samples" in log and "teacher cache t_cache" in log  # written before, read instead of the teacher
+
+
+def test_topk_cache_with_k_equal_v_in_the_pipeline(runs, data_dir, tmp_path):
+    online = runs["online"][0]
+    with open(os.path.join(online, "s_dft", "model", "config.json")) as f:
+        v = json.load(f)["text_config"]["vocab_size"]
+    cache = {"mode": "topk", "k": v, "dtype": "float32", "batch_size": 4}
+    config = write_config(tmp_path / "config.yaml", data_dir, str(tmp_path / "run"), {"teacher_cache": "t_cache"},
+                          cache=cache)
+    check_ok(train(config), "the top-k run")
+    for ra, rb in zip(losses(str(tmp_path / "run")), losses(online)):
+        for k in TERMS:
+            assert abs(ra[k] - rb[k]) <= 2e-5 * abs(rb["loss"]), f"step {ra['step']} {k}: top-k {ra[k]!r} online {rb[k]!r}"
 
 
 def test_a_cache_read_under_another_template_fails_before_any_step(runs, data_dir, tmp_path):
