@@ -18,7 +18,7 @@ and keep only GROUP_N row blocks of X hot.
     pass 2 (_fld_rows), divergences other than forward_kl: per split, the loss rows and
         c = sum p_s h (kdengine/losses/divergences.py), summed over splits in torch (fixed order).
     backward (_fld_dlogits): dL/dz_s tiles of a vocabulary chunk into a [N, chunk] buffer
-        (bf16 for bf16 inputs, else fp32; at most CHUNK_ELEMS elements), then dX += G W_chunk,
+        (bf16 for bf16 inputs, else fp32; at most CHUNK_BYTES), then dX += G W_chunk,
         dW_chunk = G^T X and d bias_chunk = column sums of G as cuBLAS GEMMs / torch sums.
 Matmul units ([N, V, D] GEMMs) per fwd+bwd: forward_kl 2 + 2 recompute + 2 = 6; the other
 divergences add pass 2: 8.
@@ -43,8 +43,8 @@ from kdengine.kernels.tuning import configs, fixed_or_tuned
 from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients
 
 DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # 0 fkl, 1 rkl, 2 jsd, 3 skew_fkl, 4 skew_rkl, 5 tvd
-CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many elements (32 MB bf16, 64 MB fp32)
-GROUP_N = 8  # row blocks that walk the vocabulary together (see the module docstring)
+CHUNK_BYTES = 2**27  # backward dlogits buffer: at most 128 MB (fewer chunks = fewer passes over fp32 dX)
+GROUP_N = 16  # row blocks that walk the vocabulary together (see the module docstring)
 BLOCK_NAMES = ("BN", "BV", "BD")
 # (blocks, num_warps, num_stages); BV divides SPLIT_COLS. Every entry compiles for sm_80 and sm_90
 # without register spills (ptxas: 0 bytes stack and spill) in its dtype: the 16-bit list with
@@ -358,11 +358,14 @@ def _check_dtype(xs: torch.Tensor) -> None:
                          f"use impl='torch' (computes in float64 for float64 inputs) or cast the inputs")
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output (exact fp32 accumulation of 16-bit operands on CUDA)."""
-    if a.dtype == torch.float32 or a.device.type != "cuda":
-        return (a @ b).float()
-    return torch.mm(a, b, out_dtype=torch.float32)
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b in place; 16-bit a, b accumulate in fp32 inside the GEMM on CUDA."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.device.type in ("cuda", "meta"):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # CPU (interpreter tests): no fp32-output kernel for 16-bit operands
+        acc.add_(a @ b)
 
 
 class FusedLinearDivergenceTriton(torch.autograd.Function):
@@ -409,7 +412,7 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         dbs = torch.zeros(v, device=dev, dtype=torch.float32) if needs_db else None
         # G in bf16 for bf16 inputs (tensor-core GEMMs); fp16's range would flush small dlogits to zero
         g_dtype = torch.bfloat16 if xs.dtype == torch.bfloat16 else torch.float32
-        chunk = max(256, min(vtot, CHUNK_ELEMS // max(n, 1)) // 256 * 256)
+        chunk = max(256, min(vtot, CHUNK_BYTES // g_dtype.itemsize // max(n, 1)) // 256 * 256)
         buf = torch.empty(n, chunk, device=dev, dtype=g_dtype) if n > 0 else None
         x_g = xs.to(g_dtype)
         for v0 in range(0, vtot if n > 0 else 0, chunk):
@@ -417,9 +420,12 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
             g = fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce,
                             params.inv_t, params.divergence, params.beta, v0, v1, buf)
             if dxs is not None:
-                dxs += _mm(g, ws[v0:v1].to(g_dtype))
+                _addmm_f32(dxs, g, ws[v0:v1].to(g_dtype))
             if dws is not None:
-                dws[v0:v1] = (g.T @ x_g).to(ws.dtype)
+                if ws.dtype == g_dtype:
+                    torch.mm(g.T, x_g, out=dws[v0:v1])
+                else:
+                    dws[v0:v1] = (g.T @ x_g).to(ws.dtype)
             if dbs is not None:
                 dbs[v0:v1] = g.sum(0, dtype=torch.float32)
         return (dxs.to(xs.dtype) if dxs is not None else None, dws,

@@ -99,12 +99,12 @@ def test_frozen_bias_gets_no_grad():
     assert bs.grad is None and ws.grad is None and xs.grad is not None
 
 
-@pytest.mark.parametrize("split,chunk", [(32, 2**24), (64, 19 * 64), (2048, 19 * 32)],
-                         ids=["split32", "chunk64", "one-split-chunk32"])
+@pytest.mark.parametrize("split,chunk", [(32, 2**27), (64, 19 * 4 * 256), (2048, 19 * 4 * 256)],
+                         ids=["split32", "split64-chunk256", "one-split-chunk256"])
 def test_splits_and_chunks_agree_with_reference(monkeypatch, split, chunk):
     """Partial log-sum-exps over many vocabulary splits and a chunked backward give the same answer."""
     monkeypatch.setattr(fk, "INTERPRET_SPLIT_COLS", split)
-    monkeypatch.setattr(fk, "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(fk, "CHUNK_BYTES", chunk)
     tensors, labels = make(300, 280, torch.float32, seed=3)
     for divergence in ("forward_kl", "skew_reverse_kl"):
         check(tensors, labels, FusedLinearDivergenceParams(divergence=divergence, temperature=0.8), torch.float32)
@@ -167,7 +167,7 @@ def test_launchers_run_on_meta_tensors_when_compiled(monkeypatch, dtype):
     suffix = "_fp32" if dtype == torch.float32 else ""
     launched = {name for name, *_ in calls}
     assert launched == {f"_fld_{k}_kernel{suffix}" for k in ("stats", "rows", "dlogits")}
-    chunk = fk.CHUNK_ELEMS // n // 256 * 256
+    chunk = fk.CHUNK_BYTES // (2 if dtype == torch.bfloat16 else 4) // n // 256 * 256
     assert sum(name.startswith("_fld_dlogits") for name, *_ in calls) == math.ceil(v / chunk)
     for name, grid, args, kwargs in calls:
         assert not set(kwargs) & {"BN", "BV", "BD"}, f"{name} fixes block sizes: {kwargs}"
