@@ -121,7 +121,7 @@ def check_resume_changes(cfg: TrainConfig) -> list[dict]:
             applied.append({"key": key, "old": was, "new": now})
             continue
         users = _users(key, (old, new))
-        hit = [n for n in (started if users is None else users) if n in started]
+        hit = [n for n in started if users is None or n in users]  # in pipeline order
         if key.startswith("engine."):
             hit = [n for n in hit if started[n] != "finished"]  # a finished stage does not run again
         if hit:
