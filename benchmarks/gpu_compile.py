@@ -460,11 +460,16 @@ def run_jobs(jobs: dict, workers: int) -> dict:
 # tables
 # ----------------------------------------------------------------------------------------------
 def commit_id() -> str:
+    """Short HEAD commit, with "+dirty" when kernels/ or kdengine/ have uncommitted changes (the run saw them)."""
+    root = RESULTS.parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parent.parent, timeout=10).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=root, timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "kdengine"], capture_output=True,
+                               text=True, cwd=root, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def write_tables(rows: list[dict], out_dir: Path, elapsed: float, n_jobs: int) -> tuple[Path, Path]:

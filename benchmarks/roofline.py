@@ -111,13 +111,14 @@ class TorchOps(TorchDispatchMode):
             return out
         ins = list(_tensors(args)) + list(_tensors(kwargs or {}))
         outs = list(_tensors(out))
-        flops = 0
+        flops, dtype = 0, outs[0].dtype if outs else None
         if name.rstrip("_") in MM_OPS and outs:
-            mats = [t for t in ins if t.dim() >= 2]
+            mats = [t for t in _tensors(args) if t.dim() >= 2]  # (bias/acc,) mat1, mat2; not out=
             flops = 2 * outs[0].numel() * (mats[-2].shape[-1] if len(mats) >= 2 else 0)
+            dtype = mats[-1].dtype if mats else dtype  # the operands' dtype picks the peak (out_dtype may be fp32)
         writes = 0 if name in ALLOC_ONLY else sum(map(_nbytes, outs))
         reads = 0 if name in FILLS else sum(map(_nbytes, ins))
-        self.ops.append((name, flops, reads + writes, str(outs[0].dtype).replace("torch.", "") if outs else ""))
+        self.ops.append((name, flops, reads + writes, str(dtype).replace("torch.", "")))
         for t in outs:
             self._track(t, new=not in_place)
         if not in_place:
