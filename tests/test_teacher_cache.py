@@ -343,12 +343,13 @@ def test_topk_cache_refuses_what_it_cannot_give(tiny, topk_cache):
 # ----------------------------------------------------------------------------- import
 
 
-def server_records(tiny, k, rows="response"):
+def server_records(teacher, dataset, collator, k, rows="response"):
     """What an inference server would return: per response position the top-k of the teacher."""
     recs = []
-    for i in range(len(tiny.dataset)):
-        batch = tiny.collator([tiny.dataset[i]])
-        out = online_teacher(tiny, batch)
+    for i in range(len(dataset)):
+        batch = collator([dataset[i]])
+        with torch.no_grad():
+            out = distill_forward(teacher, batch)
         pos = stage_positions(batch, 0, rows)
         lp = torch.log_softmax(out.hidden[0, pos.long()] @ out.lm_head_weight.T, -1).topk(k)
         recs.append({"id": batch["ids"][0], "positions": pos.tolist(), "top_ids": lp.indices.tolist(),
@@ -364,7 +365,7 @@ def write_jsonl(path, recs):
 
 @pytest.fixture(scope="module")
 def records(tiny):
-    return server_records(tiny, k=3)
+    return server_records(tiny.teacher, tiny.dataset, tiny.collator, k=3)
 
 
 def do_import(tiny, recs, tmp_path, name="in.jsonl"):

@@ -4,7 +4,8 @@ Two runs with the same stage list: [teacher_cache t_cache, dft s_dft]. In the on
 names ``teacher: teacher``; in the cached run ``teacher_cache: t_cache`` and never loads the
 teacher. Their per-step losses must agree to 1e-6 relative over 5 steps (each term to 1e-6 of the
 loss) and the students end equal. A top-k cache with k = V (fp32) must give the online losses up to fp32 rounding (the full
-teacher distribution). A run reading the cache under another template must fail before any step.
+teacher distribution). A top-k cache imported from JSONL (response positions only) trains a stage with vis = rel = 0.
+A run reading the cache under another template must fail before any step.
 """
 
 import json
@@ -120,6 +121,39 @@ def test_topk_cache_with_k_equal_v_in_the_pipeline(runs, data_dir, tmp_path):
     for ra, rb in zip(losses(str(tmp_path / "run")), losses(online)):
         for k in TERMS:
             assert abs(ra[k] - rb[k]) <= 2e-5 * abs(rb["loss"]), f"step {ra['step']} {k}: top-k {ra[k]!r} online {rb[k]!r}"
+
+
+def test_imported_topk_cache_trains_a_stage(data_dir, tmp_path):
+    from test_teacher_cache import server_records, write_jsonl
+
+    from kdengine.data import LlavaCollator, build_dataset
+    from kdengine.model import ModelSpec, TinySpec, build_model, num_image_tokens
+
+    tok = os.path.join(data_dir, "tokenizer")
+    teacher, proc = build_model(ModelSpec(source="tiny", tokenizer=tok, tiny=TinySpec(**MODELS["teacher"])))
+    p = num_image_tokens(teacher)
+    ds = build_dataset(os.path.join(data_dir, "instruct.json"), proc.tokenizer, proc.image_processor,
+                       image_folder=os.path.join(data_dir, "images"), num_image_tokens=p, verbose=False)
+    recs = server_records(teacher, ds, LlavaCollator(proc.tokenizer.pad_token_id, teacher.config.image_token_id, p),
+                          k=4)
+    jsonl = write_jsonl(tmp_path / "server.jsonl", recs)
+    cache = str(tmp_path / "imported")
+    dft = {"teacher_cache": cache, "weights": {"vis": 0.0, "rel": 0.0}}
+    config = write_config(tmp_path / "config.yaml", data_dir, str(tmp_path / "run"), dft)
+    cfg = yaml.safe_load(open(config))
+    cfg["stages"] = cfg["stages"][1:]
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**recs[0], "top_logprobs": [[0.5] * 4] * len(recs[0]["positions"])}])
+    proc = kdengine("teacher-cache", "import", bad, "--config", config, "--stage", "s_dft", "--teacher-name", "x",
+                    "--k", "4")
+    assert proc.returncode == 2 and "bad.jsonl:1 (id" in proc.stderr and "positive" in proc.stderr, proc.stderr
+    assert not os.path.exists(cache)  # nothing half-written
+    check_ok(kdengine("teacher-cache", "import", jsonl, "--config", config, "--stage", "s_dft",
+                      "--teacher-name", "server", "--k", "4"), "kdengine teacher-cache import")
+    check_ok(train(config), "training from the imported cache")
+    rows = losses(str(tmp_path / "run"))
+    assert len(rows) == STEPS and all(r["res"] > 0 and r["vis"] == 0 for r in rows)
 
 
 def test_a_cache_read_under_another_template_fails_before_any_step(runs, data_dir, tmp_path):

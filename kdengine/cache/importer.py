@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 
@@ -46,11 +47,27 @@ def import_topk_jsonl(path: str, dataset, directory: str, k: int, temperature: f
 
     fingerprint: the manifest fingerprint (teacher e.g. {"external": "model name"}, dataset,
     template, max_length, tokenizer, num_image_tokens). vocab_rows: the teacher's vocabulary size.
-    Raises CacheError naming the record on the first bad one, or naming the first missing sample."""
+    Raises CacheError naming the record on the first bad one, or naming the first missing sample;
+    the cache is written under a temporary name and renamed into place only when all is valid."""
     if dtype not in ("float16", "float32"):
         raise CacheError(f"dtype = {dtype!r}: expected float16 or float32")
-    if os.path.isfile(os.path.join(directory, "manifest.json")):
-        raise CacheError(f"{directory!r} already holds a teacher cache; expected a new directory for the import")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise CacheError(f"{directory!r} is not empty; expected a new directory for the import")
+    tmp = directory.rstrip("/") + ".importing"  # renamed into place when every record is valid
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = _import(path, dataset, tmp, k, temperature, fingerprint, vocab_rows, dtype, shard_samples)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(directory):
+        os.rmdir(directory)
+    os.replace(tmp, directory)
+    log(f"imported {len(dataset)} samples from {path} into {directory} ({len(manifest.shards)} shards, k = {k})")
+    return manifest
+
+
+def _import(path, dataset, directory, k, temperature, fingerprint, vocab_rows, dtype, shard_samples) -> Manifest:
     by_id: dict[str, list[int]] = {}
     for i, rec in enumerate(dataset.records):
         by_id.setdefault(str(rec.id), []).append(i)
@@ -85,9 +102,7 @@ def import_topk_jsonl(path: str, dataset, directory: str, k: int, temperature: f
         raise CacheError(f"{path}: {len(missing)} of {len(dataset)} dataset samples have no record, the first is "
                          f"index {first} (id {dataset.records[first].id!r}); expected one record per sample")
     writer.manifest.rows = rows_kind or "response"
-    manifest = writer.finish()
-    log(f"imported {len(dataset)} samples from {path} into {directory} ({len(manifest.shards)} shards, k = {k})")
-    return manifest
+    return writer.finish()
 
 
 def _parse(line: str, where: str) -> dict:
