@@ -121,8 +121,9 @@ def discover(mods) -> dict:
 
 
 def is_kernel_name(name: str) -> bool:
-    """A launchable kernel by the project's naming rule (``_name_kernel``), not a @triton.jit helper."""
-    return name.endswith("_kernel")
+    """A launchable kernel by the project's naming rule (``_name_kernel``, maybe ``_name_kernel_fp32``),
+    not a @triton.jit helper."""
+    return re.search(r"_kernel(_[a-z0-9]+)?$", name) is not None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
 import time
 from collections import defaultdict
@@ -288,7 +289,7 @@ def model_launch(rec, kernels, gpu, tc, per_sm):
     """Best predicted (over autotune configs) cost of one recorded launch on ``gpu``."""
     obj = kernels[(rec.module, rec.name)]
     _, jit = gc.unwrap(obj)
-    fn = KERNEL_MODELS.get(rec.name)
+    fn = KERNEL_MODELS.get(rec.name) or KERNEL_MODELS.get(re.sub(r"_(fp32|bf16|fp16)$", "", rec.name))
     if fn is None:
         return None
     g = GPUS[gpu]
