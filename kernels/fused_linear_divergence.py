@@ -26,7 +26,8 @@ divergences add pass 2: 8.
 Precision: bf16/fp16 tiles run on tensor cores (HMMA on sm_80, HGMMA on sm_90, v_mfma on gfx942)
 with fp32 accumulation. fp32 inputs use input_precision="ieee" (exact fp32 products, not tf32:
 logits feed exp() and a 1e-3 relative error there is visible in the loss), which compiles to FFMA
-on CUDA cores (no HMMA/HGMMA); float64 is refused (impl="torch" computes in float64).
+on CUDA cores on sm_80/sm_90 (no HMMA/HGMMA) and to v_mfma_f32_16x16x4_f32 (fp32 matrix cores) on
+gfx942; float64 is refused (impl="torch" computes in float64).
 Under TRITON_INTERPRET=1 (CPU tests) bf16 tiles are upcast before tl.dot: Triton 3.9's interpreter
 returns wrong tl.dot results for bf16 operands (fp16/fp32 are exact), and small blocks are used.
 """
@@ -125,7 +126,8 @@ def _fld_stats(
 
     p_part [4, n_split, N] fp32: partial lse_s, lse_t (T, columns < VC), lse_c (T = 1, columns < V;
     only with SEPARATE_CE) and, with FKL, sum p_t (z_t - z_s) / T under the split's teacher softmax.
-    Dots: HMMA (sm_80) / HGMMA (sm_90) / v_mfma (gfx942) for bf16/fp16; FFMA for fp32 ("ieee").
+    Dots: HMMA (sm_80) / HGMMA (sm_90) / v_mfma (gfx942) for bf16/fp16; fp32 ("ieee") is FFMA on
+    sm_80/sm_90 and v_mfma_f32_*_f32 on gfx942.
     """
     i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -190,7 +192,9 @@ def _fld_rows(
 ):
     """p_part [2, n_split, N] fp32: the split's sum of loss terms and of p_s h (rows, c).
 
-    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; FFMA for fp32 ("ieee")."""
+    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; fp32 ("ieee") is FFMA on sm_80/sm_90 and
+    v_mfma_f32_*_f32 on gfx942.
+    """
     i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -225,7 +229,9 @@ def _fld_dlogits(
 ):
     """dL/d(raw student logits) for vocab columns [v_start, v_stop) into g[:, v - v_start] (g's dtype).
 
-    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; FFMA for fp32 ("ieee")."""
+    Dots: HMMA / HGMMA / v_mfma for bf16/fp16; fp32 ("ieee") is FFMA on sm_80/sm_90 and
+    v_mfma_f32_*_f32 on gfx942.
+    """
     i_n, i_v = _grouped_ids(tl.program_id(0), N, tl.cdiv(v_stop - v_start, BV), BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N

@@ -35,7 +35,8 @@ from kdengine.kernels.tuning import configs, fixed_or_tuned
 GRAM_BLOCKS = ("BP", "BD", "BDM")
 # (blocks, num_warps, num_stages): every entry compiles for sm_80 and sm_90 without register spills
 # in fp32 (the path GramStatsTriton takes: A is fp32, so H is upcast) and in bf16 / fp16.
-# (ptxas: 0 bytes stack and spill; HMMA / HGMMA / v_mfma in bf16 and fp16; fp32 "ieee" is FFMA).
+# (ptxas: 0 bytes stack and spill; HMMA / HGMMA / v_mfma in bf16 and fp16; fp32 "ieee" is FFMA on
+# sm_80/sm_90).
 # The backward product holds an R tile and an output tile: BP = 64 or BDM = 64 spills there.
 GRAM_STATS_CONFIGS = configs([
     ({"BP": 32, "BD": 16}, 4, 3),
@@ -134,7 +135,7 @@ def _gram_stats_kernel(
     SYMMETRIC: only tiles j >= i run (the others keep the zeros the launcher allocated),
     off-diagonal tiles count twice. Dots: bf16/fp16 pairs compile to HMMA (sm_80) / HGMMA (sm_90) /
     v_mfma (gfx942); fp32 (and upcast) operands with DOT_PRECISION="ieee" compile to FFMA on CUDA
-    cores, no tensor-core instruction.
+    cores on sm_80/sm_90 (no tensor-core instruction) and to v_mfma_f32_*_f32 on gfx942.
     """
     i_j = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1).to(tl.int64)
@@ -186,8 +187,9 @@ def _gram_grad_matmul_kernel(
 ):
     """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32).
 
-    The (R_t, R_s) combination is fp32, so the product with m is an fp32 dot: FFMA with
-    DOT_PRECISION="ieee" (the R tiles themselves use HMMA / HGMMA for bf16/fp16 A and H).
+    The (R_t, R_s) combination is fp32, so the product with m is an fp32 dot: with
+    DOT_PRECISION="ieee" FFMA on sm_80/sm_90, v_mfma_f32_*_f32 on gfx942 (the R tiles themselves use
+    HMMA / HGMMA / v_mfma for bf16/fp16 A and H).
     """
     i_k = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1).to(tl.int64)

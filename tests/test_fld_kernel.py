@@ -37,28 +37,33 @@ def make(v, vt, dtype, seed=0, bias=True, labels=True):
     return [t.to(dtype) if t is not None else None for t in (xs, ws, bs, xt, wt, bt)], lab
 
 
-def run_triton(tensors, labels, params, dtype, weight=None):
+def leaves(tensors, dtype):
+    """Fresh copies in ``dtype``; the student's hidden, weight and bias take gradients."""
     xs, ws, bs, xt, wt, bt = [t.detach().to(dtype).clone() if t is not None else None for t in tensors]
-    xs.requires_grad_(True)
-    ws.requires_grad_(True)
-    if bs is not None:
-        bs.requires_grad_(True)
-    div, ce = fk.FusedLinearDivergenceTriton.apply(xs, ws, bs, xt, wt, bt, weight, labels, params)
+    for x in (xs, ws, bs):
+        if x is not None:
+            x.requires_grad_(True)
+    return xs, ws, bs, xt, wt, bt
+
+
+def backward_and_grads(div, ce, labels, xs, ws, bs):
+    """Backward of 1.3 div + 0.6 ce (grad outputs != 1); returns values and the student's gradients."""
     (1.3 * div + (0.6 * ce if labels is not None else 0)).sum().backward()
     return div.detach(), ce.detach(), xs.grad, ws.grad, (bs.grad if bs is not None else None)
+
+
+def run_triton(tensors, labels, params, dtype, weight=None):
+    xs, ws, bs, xt, wt, bt = leaves(tensors, dtype)
+    div, ce = fk.FusedLinearDivergenceTriton.apply(xs, ws, bs, xt, wt, bt, weight, labels, params)
+    return backward_and_grads(div, ce, labels, xs, ws, bs)
 
 
 def run_reference(tensors, labels, params, dtype, weight=None):
-    xs, ws, bs, xt, wt, bt = [t.detach().to(dtype).clone() if t is not None else None for t in tensors]
-    xs.requires_grad_(True)
-    ws.requires_grad_(True)
-    if bs is not None:
-        bs.requires_grad_(True)
+    xs, ws, bs, xt, wt, bt = leaves(tensors, dtype)
     out = fused_linear_divergence_reference(xs, ws, xt, wt, params.divergence, params.beta, params.temperature,
                                             weight, labels, params.ignore_index, params.reduction, bs, bt)
     div, ce = out if labels is not None else (out, torch.zeros((), dtype=dtype))
-    (1.3 * div + (0.6 * ce if labels is not None else 0)).sum().backward()
-    return div.detach(), ce.detach(), xs.grad, ws.grad, (bs.grad if bs is not None else None)
+    return backward_and_grads(div, ce, labels, xs, ws, bs)
 
 
 def check(tensors, labels, params, dtype, weight=None):
