@@ -189,7 +189,8 @@ def main(argv=None):
         r["mem_ratio"] = naive["work_mb"] / r["work_mb"]
     print_table(rows, ["impl", "ms", "work_mb", "speedup", "mem_ratio", "first_loss"],
                 title=f"DFT step (fwd teacher+student, 4 loss terms, bwd, AdamW), {info['device']}; "
-                      f"ratios against {rows[0]['impl']}; sft = student CE only; cached_* = teacher from kdengine.cache")
+                      f"ratios against {rows[0]['impl']}; sft = student CE only; "
+                      f"cached_* = teacher from kdengine.cache")
     if args.no_csv:
         return
     path = append_csv("train_step.csv", [{k: r[k] for k in ("date", "commit", "device", "torch", "impl", "shape",

@@ -3,9 +3,10 @@
 Two runs with the same stage list: [teacher_cache t_cache, dft s_dft]. In the online run s_dft
 names ``teacher: teacher``; in the cached run ``teacher_cache: t_cache`` and never loads the
 teacher. Their per-step losses must agree to 1e-6 relative over 5 steps (each term to 1e-6 of the
-loss) and the students end equal. A top-k cache with k = V (fp32) must give the online losses up to fp32 rounding (the full
-teacher distribution). A top-k cache imported from JSONL (response positions only) trains a stage with vis = rel = 0.
-A run reading the cache under another template must fail before any step.
+loss) and the students end equal. A top-k cache with k = V (fp32) must give the online losses up
+to fp32 rounding (the full teacher distribution). A top-k cache imported from JSONL (response
+positions only) trains a stage with vis = rel = 0. A run reading the cache under another template
+must fail before any step.
 """
 
 import json
@@ -120,7 +121,8 @@ def test_topk_cache_with_k_equal_v_in_the_pipeline(runs, data_dir, tmp_path):
     check_ok(train(config), "the top-k run")
     for ra, rb in zip(losses(str(tmp_path / "run")), losses(online)):
         for k in TERMS:
-            assert abs(ra[k] - rb[k]) <= 2e-5 * abs(rb["loss"]), f"step {ra['step']} {k}: top-k {ra[k]!r} online {rb[k]!r}"
+            assert abs(ra[k] - rb[k]) <= 2e-5 * abs(rb["loss"]), \
+                f"step {ra['step']} {k}: top-k {ra[k]!r} online {rb[k]!r}"
 
 
 def test_imported_topk_cache_trains_a_stage(data_dir, tmp_path):

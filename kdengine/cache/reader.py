@@ -88,7 +88,8 @@ class TeacherCacheReader:
         file, sid = self._where[index]
         if sample_id is not None and str(sid) != str(sample_id):
             raise CacheError(f"sample index {index}: the stage's record id is {sample_id!r} but teacher cache "
-                             f"{self.directory!r} holds id {sid!r} there; expected the dataset the cache was written from")
+                             f"{self.directory!r} holds id {sid!r} there; expected the dataset the cache was "
+                             f"written from")
         return file, index
 
     def sample(self, index: int, sample_id=None) -> dict[str, torch.Tensor]:
