@@ -157,16 +157,18 @@ class EngineConfig:
     liger: bool = True  # Liger-Kernel RMSNorm/SwiGLU/RoPE patches on CUDA when installed
     shard_teacher: bool = False  # ZeRO-3 only: partition the teacher across ranks (ZeRO inference)
     num_workers: int = 0  # DataLoader workers per rank
-    # torch intra-op threads per rank when training on CPU (null: torch's default split over local ranks).
-    # Tiny models gain nothing from more, and OpenMP threads stall when a core is busy elsewhere.
-    cpu_threads: int | None = 1
+    # torch intra-op threads per rank when training on CPU: a number; "auto" (the usable cores of this
+    # rank minus the 1-minute load average, at least 1); null (torch's default split over local ranks).
+    # Tiny models gain nothing from more, and OpenMP threads stall when a core is busy elsewhere
+    # (benchmarks/threads_under_load.py measures the choices).
+    cpu_threads: int | Literal["auto"] | None = 1
     dist_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
 
     def __post_init__(self):
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage = {self.zero_stage!r}: expected 0, 1, 2, 3 or null")
         _at_least("num_workers", self.num_workers, 0)
-        if self.cpu_threads is not None:
+        if self.cpu_threads not in (None, "auto"):
             _at_least("cpu_threads", self.cpu_threads, 1)
         if self.dist_backend is not None and self.dist_backend not in ("gloo", "nccl", "ccl", "mpi"):
             raise ValueError(f"dist_backend = {self.dist_backend!r}: expected gloo, nccl, ccl, mpi or null")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "all_reduce", "barrier", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce", "auto_threads", "barrier", "cpu_op_build_note", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None, cpu_threads: int | None = None) -> DistInfo:
+def auto_threads(local_world: int = 1) -> int:
+    """CPU threads for one of ``local_world`` ranks: its share of the usable cores, less the cores
+    other processes keep busy (the 1-minute load average), at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable // local_world, usable - round(os.getloadavg()[0])))
+
+
+def init_distributed(backend: str | None = None, cpu_threads: int | str | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device.
-    On CPU, ``cpu_threads`` intra-op threads (None: the cores split over the local ranks)."""
+    On CPU, ``cpu_threads`` intra-op threads ("auto": `auto_threads`; None: the cores split over
+    the local ranks)."""
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -50,7 +58,9 @@ def init_distributed(backend: str | None = None, cpu_threads: int | None = None)
     else:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        if cpu_threads is not None:
+        if cpu_threads == "auto":
+            torch.set_num_threads(auto_threads(local_world))
+        elif cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         elif local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription
