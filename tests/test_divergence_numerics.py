@@ -115,7 +115,7 @@ def test_triton_refuses_float64():
         fused_linear_divergence(xs, ws, xt, wt, impl="triton")
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable_head", "frozen_head"])
 def test_bias_matches_reference(impl, divergence, frozen):

@@ -169,8 +169,6 @@ def fused_linear_divergence(
     if impl == "torch":
         from kdengine.losses.fused_linear_divergence_torch import FusedLinearDivergenceFunction as function
     else:
-        if student_bias is not None or teacher_bias is not None:
-            raise ValueError("student_bias/teacher_bias are not supported by impl='triton' yet; use impl='torch'")
         from kdengine.kernels.fused_linear_divergence import FusedLinearDivergenceTriton as function
     div, ce = function.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              teacher_bias, weight, labels, params)
