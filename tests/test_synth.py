@@ -239,3 +239,27 @@ def test_interrupted_synth_leaves_the_old_dataset_and_the_next_run_cleans_up(tmp
     assert f"removing {tmp_path / '.ds.synth-tmp'}, left by an interrupted synth write" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["ds"]
     assert json.load(open(out / "meta.json"))["seed"] == 2
+
+
+def test_cli_refuses_a_non_empty_out_in_one_line_and_overwrite_replaces_it(tmp_path, capsys):
+    from reliability_report import record
+
+    out = tmp_path / "ds"
+    argv = ["data", "synth", "--out", str(out), "--image-size", "32", "--n-caption", "4", "--n-instruct", "8",
+            "--n-eval", "2"]
+    assert main(argv) == 0
+    (out / "images" / "stale.png").write_bytes(b"old")
+    capsys.readouterr()
+    code = main(argv + ["--seed", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"out_dir {out}: not empty" in err and "--overwrite" in err
+    assert json.load(open(out / "meta.json"))["seed"] == 0 and (out / "images" / "stale.png").exists()
+    replaced = main(argv + ["--seed", "1", "--overwrite"])
+    assert replaced == 0
+    assert json.load(open(out / "meta.json"))["seed"] == 1 and not (out / "images" / "stale.png").exists()
+    record("bad_inputs", "test_synth.py::test_cli_refuses_a_non_empty_out", [
+        {"input": "kdengine data synth --out a non-empty dir", "policy": "-",
+         "what it gets": f"exit {code}, one line: {err.strip()}"},
+        {"input": "the same with --overwrite", "policy": "-",
+         "what it gets": f"exit {replaced}; the dir replaced whole (a stale image of the old dataset is gone)"},
+    ], strip=tmp_path)
