@@ -103,3 +103,22 @@ def test_text_only_batch_has_zero_rdist():
     total, terms = llava_kd_loss(student, teacher, LossWeights(), DistillSettings(), num_image_tokens=4)
     total.backward()
     assert float(terms["rel"]) == 0.0 and float(terms["vis"]) == 0.0 and torch.isfinite(total)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("inf")), r"temperature = inf: expected a finite number"),
+    (dict(divergence="jsd", beta=1.0), r"beta = 1.0 for jsd: expected 0 < beta < 1"),
+    (dict(impl="cuda"), r"impl = 'cuda': expected one of"),
+    (dict(topk_tail="drop"), r"topk_tail = 'drop': expected one of \['renormalise', 'tail'\]"),
+    (dict(rdist_reduction="mean"), r"rdist_reduction = 'mean'"),
+])
+def test_distill_settings_check_themselves(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillSettings(**kwargs)
+
+
+def test_loss_weights_check_themselves():
+    with pytest.raises(ValueError, match=r"rel = -1: expected weights >= 0"):
+        LossWeights(rel=-1)
+    with pytest.raises(ValueError, match=r"ce = 'x': expected a finite number"):
+        LossWeights(ce="x")

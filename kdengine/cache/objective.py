@@ -54,11 +54,11 @@ def topk_kd_loss(student, targets, weights, settings, num_image_tokens: int | No
 
     student: `DistillOutputs` (hidden [B, L, Ds], lm_head_weight [V, Ds], masks [B, L]);
     targets: `kdengine.cache.reader.TopKTargets` of the same batch; tail: renormalise | tail
-    (None: ``settings.topk_tail`` if the settings have it, else renormalise).
+    (None: ``settings.topk_tail``).
     Returns (loss, detached terms)."""
     from kdengine.losses.topk_divergence import topk_divergence
 
-    tail = tail or getattr(settings, "topk_tail", "renormalise")
+    tail = tail or settings.topk_tail
     check_choice("tail", tail, TAILS)
     if settings.divergence != "forward_kl":
         raise CacheError(f"distill.divergence = {settings.divergence!r}: a top-k teacher cache gives forward_kl "

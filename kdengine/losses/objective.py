@@ -19,6 +19,7 @@ from kdengine.losses.checks import GRAM_REDUCTIONS, IGNORE_INDEX, IMPLS
 from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES
 from kdengine.losses.fused_linear_divergence import fused_linear_divergence
 from kdengine.losses.gram_cosine import gram_cosine_loss
+from kdengine.losses.topk_divergence import TAILS as TOPK_TAILS
 
 
 @dataclass
@@ -50,6 +51,7 @@ class DistillSettings:
     beta: float = 0.5
     rdist_reduction: str = "batch"
     impl: str = "auto"
+    topk_tail: str = "renormalise"  # a top-k teacher cache's leftover mass: renormalise | tail (topk_divergence)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -64,6 +66,8 @@ class DistillSettings:
             raise ValueError(f"rdist_reduction = {self.rdist_reduction!r}: expected one of {list(GRAM_REDUCTIONS)}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl = {self.impl!r}: expected one of {list(IMPLS)}")
+        if self.topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail = {self.topk_tail!r}: expected one of {list(TOPK_TAILS)}")
 
 
 def _check_number(name: str, value) -> None:
