@@ -321,7 +321,8 @@ def _print_header(stage: StageConfig, parts: StageParts, dist: DistInfo, ckpt: s
     print(format_param_summary(param_summary(parts.model)))
     print(f"{parts.dataset.summary.format()}\nglobal batch {stage.batch_size} = {stage.micro_batch_size} micro x "
           f"{dist.world_size} ranks x {plan.accum} accumulation, {plan.total_steps} steps "
-          f"({plan.steps_per_epoch}/epoch), lr {stage.lr:g}")
+          f"({plan.steps_per_epoch}/epoch), lr {stage.lr:g}"
+          + (f", {torch.get_num_threads()} cpu threads" if dist.device.type == "cpu" else ""))
     if stage.distills:
         w, d = stage.weights, stage.distill
         print(f"loss = {w.ce:g} ce + {w.res:g} res + {w.vis:g} vis + {w.rel:g} rel; "
