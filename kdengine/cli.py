@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         label = next((lab for t, lab in _user_errors(args.command).items() if isinstance(err, t)), None)
         if label is None:
             raise
-        if _is_main_rank():  # every rank meets the same bad input; one line says it
+        # Every rank meets the same bad config or data file: rank 0 says it. A sample that fails while
+        # training (a lazily decoded image) is met by one rank only: that rank says it.
+        if _is_main_rank() or getattr(err, "rank_local", False):
             print(f"kdengine {args.command}: {label}: {err}", file=sys.stderr)
         return 2
 

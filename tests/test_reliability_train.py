@@ -266,3 +266,19 @@ def test_deepspeed_compile_note_only_when_the_op_is_not_built(tmp_path, monkeypa
     built.mkdir(exist_ok=True)  # _get_build_directory made it
     (built / "deepspeed_shm_comm.so").write_bytes(b"")
     assert cpu_op_build_note() is None
+
+
+def test_only_the_rank_that_meets_an_error_reports_it(monkeypatch, capsys):
+    import kdengine.cli as cli
+    from kdengine.data.records import BadSample
+    from kdengine.train.config import ConfigError
+
+    shared = ConfigError("datasets.instruct.path = 'x.txt': expected a LLaVA .json")
+    local = BadSample("image_missing", "image file not found: a.png", "s1", "d.jsonl:3")
+    local.rank_local = True
+    for rank, err, printed in (("0", shared, True), ("1", shared, False), ("1", local, True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(cli, "_run_train", lambda args, e=err: (_ for _ in ()).throw(e))
+        assert cli.main(["train"]) == 2
+        out = capsys.readouterr().err
+        assert (out.count("\n") == 1 and str(err) in out) if printed else out == "", (rank, out)

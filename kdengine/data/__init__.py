@@ -1,7 +1,7 @@
 """LLaVA-format data: records, templates, collator, synthetic scenes and tokenizer."""
 
 from .collator import LlavaCollator
-from .dataset import LlavaDataset, build_dataset
+from .dataset import LlavaDataset, SkippedSample, build_dataset
 from .images import expand_to_square, process_images
 from .records import BadSample, BadSampleSummary, Record, Turn, load_records
 from .sampler import LengthGroupedBatchSampler
@@ -19,6 +19,7 @@ __all__ = [
     "LlavaCollator",
     "LlavaDataset",
     "Record",
+    "SkippedSample",
     "TEMPLATES",
     "Turn",
     "build_dataset",

@@ -24,7 +24,10 @@ __all__ = ["StepPlan", "TrainInputError", "build_stage_dataset", "micro_batches"
 
 
 class TrainInputError(ValueError):
-    """Input met during training that cannot be trained on (e.g. a micro-batch whose every sample was skipped)."""
+    """Input met during training that cannot be trained on (e.g. a micro-batch whose every sample was
+    skipped); met by one rank, which reports it (see `kdengine.cli.main`)."""
+
+    rank_local = True
 
 
 def build_stage_dataset(ds: DatasetConfig, processor, num_image_tokens: int, verbose: bool,

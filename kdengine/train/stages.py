@@ -18,6 +18,7 @@ import torch
 
 from kdengine.cache.stage import open_stage_cache, run_cache_stage
 from kdengine.data import LlavaCollator
+from kdengine.data.records import BadSample
 from kdengine.losses.checks import LOSS_TERMS
 from kdengine.model import check_compatible, format_param_summary, num_image_tokens, param_summary
 from kdengine.model import same_vision_tower, set_trainable
@@ -260,7 +261,11 @@ def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: 
                 step = first + k + 1  # optimizer steps done after this one
                 lr = engine.get_lr()[0]
                 t_step = time.perf_counter()
-                step_batches = [next(batches) for _ in range(plan.accum)]
+                try:
+                    step_batches = [next(batches) for _ in range(plan.accum)]
+                except BadSample as err:  # a lazily decoded image under on_bad_sample: error, on this rank only
+                    err.rank_local = True
+                    raise
                 terms, tokens, gnorm, skipped = train_step(engine, step_batches, parts.teacher, parts.share)
                 for err in skipped:
                     parts.dataset.summary.add_during_training(err)
