@@ -44,7 +44,7 @@ from kdengine.kernels.tuning import configs, fixed_or_tuned
 from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients
 
 DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # 0 fkl, 1 rkl, 2 jsd, 3 skew_fkl, 4 skew_rkl, 5 tvd
-CHUNK_BYTES = 2**27  # backward dlogits buffer: at most 128 MB (fewer chunks = fewer passes over fp32 dX)
+CHUNK_BYTES = 2**28  # backward dlogits buffer: at most 256 MB (fewer chunks = fewer passes over fp32 dX)
 GROUP_N = 16  # row blocks that walk the vocabulary together (see the module docstring)
 BLOCK_NAMES = ("BN", "BV", "BD")
 # (blocks, num_warps, num_stages); BV divides SPLIT_COLS. Every entry compiles for sm_80 and sm_90
@@ -364,12 +364,13 @@ def _check_dtype(xs: torch.Tensor) -> None:
                          f"use impl='torch' (computes in float64 for float64 inputs) or cast the inputs")
 
 
-def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b in place; 16-bit a, b accumulate in fp32 inside the GEMM on CUDA."""
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor | None) -> None:
+    """acc (fp32) += a @ b. 16-bit a, b: an fp32-output GEMM into ``tmp`` (acc's shape) on CUDA, so the
+    products accumulate in fp32 and stay on tensor cores (torch's addmm with out_dtype wants a 16-bit acc)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif acc.device.type in ("cuda", "meta"):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32, out=tmp))
     else:  # CPU (interpreter tests): no fp32-output kernel for 16-bit operands
         acc.add_(a @ b)
 
@@ -421,12 +422,13 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         chunk = max(256, min(vtot, CHUNK_BYTES // g_dtype.itemsize // max(n, 1)) // 256 * 256)
         buf = torch.empty(n, chunk, device=dev, dtype=g_dtype) if n > 0 else None
         x_g = xs.to(g_dtype)
+        tmp = torch.empty_like(dxs) if dxs is not None and g_dtype != torch.float32 else None
         for v0 in range(0, vtot if n > 0 else 0, chunk):
             v1 = min(vtot, v0 + chunk)
             g = fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce,
                             params.inv_t, params.divergence, params.beta, v0, v1, buf)
             if dxs is not None:
-                _addmm_f32(dxs, g, ws[v0:v1].to(g_dtype))
+                _add_matmul(dxs, g, ws[v0:v1].to(g_dtype), tmp)
             if dws is not None:
                 if ws.dtype == g_dtype:
                     torch.mm(g.T, x_g, out=dws[v0:v1])
