@@ -11,10 +11,13 @@ over BD chunks, fp32 accumulation) and never reach global memory. Every kernel r
 row blocks x vocabulary columns, flattened and grouped: GROUP_N consecutive row blocks walk the
 columns together, so the programs resident at one time share each W tile (L2 serves the re-reads)
 and keep only GROUP_N row blocks of X hot.
-    pass 1 (_fld_stats): one program per (row block, vocabulary split of SPLIT columns) writes
-        partial log-sum-exps of the split: student and teacher at temperature T over the first Vc
+    pass 1 (_fld_stats): one program per (row block, vocabulary split of SPLIT columns) writes the
+        split's running max m and sum l: student and teacher at temperature T over the first Vc
         columns, the CE's at T = 1 over all V, and forward_kl's sum p_t (z_t - z_s) / T. A small torch
-        step combines the splits (logsumexp over splits). z[label] is one indexed dot product.
+        step combines the splits into a normaliser (M, log L) per row and softmax, L = sum l e^(m - M).
+        The later kernels take log p = (z - M) - log L, never z - lse: the dominant entries then do
+        not carry lse's rounding (|lse| eps), which matters at large logits. z[label] is one indexed
+        dot product.
     pass 2 (_fld_rows), divergences other than forward_kl: per split, the loss rows and
         c = sum p_s h (kdengine/losses/divergences.py), summed over splits in torch (fixed order).
     backward (_fld_dlogits): dL/dz_s tiles of a vocabulary chunk into a [N, chunk] buffer
@@ -124,8 +127,9 @@ def _fld_stats(
 ):
     """Partial statistics of rows [BN] over vocabulary split [i_s * split, (i_s + 1) * split).
 
-    p_part [4, n_split, N] fp32: partial lse_s, lse_t (T, columns < VC), lse_c (T = 1, columns < V;
-    only with SEPARATE_CE) and, with FKL, sum p_t (z_t - z_s) / T under the split's teacher softmax.
+    p_part [7, n_split, N] fp32: the split's (m, l) of the student and teacher (T, columns < VC) and of
+    the CE (T = 1, columns < V; only with SEPARATE_CE) and, with FKL, sum p_t (z_t - z_s) / T under
+    the split's teacher softmax.
     Dots: HMMA (sm_80) / HGMMA (sm_90) / v_mfma (gfx942) for bf16/fp16; fp32 ("ieee") is FFMA on
     sm_80/sm_90 and v_mfma_f32_*_f32 on gfx942.
     """
@@ -159,32 +163,42 @@ def _fld_stats(
                 a_t = a_t * scale_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), axis=1)
     p_out = p_part + i_s * N + o_n
     stride_k = n_split * N
-    tl.store(p_out, m_s + tl.log(l_s), mask=m_n)
-    tl.store(p_out + stride_k, m_t + tl.log(l_t), mask=m_n)
+    tl.store(p_out, m_s, mask=m_n)
+    tl.store(p_out + stride_k, l_s, mask=m_n)
+    tl.store(p_out + 2 * stride_k, m_t, mask=m_n)
+    tl.store(p_out + 3 * stride_k, l_t, mask=m_n)
     if SEPARATE_CE:
-        tl.store(p_out + 2 * stride_k, m_c + tl.log(l_c), mask=m_n)
+        tl.store(p_out + 4 * stride_k, m_c, mask=m_n)
+        tl.store(p_out + 5 * stride_k, l_c, mask=m_n)
     if FKL:
-        tl.store(p_out + 3 * stride_k, tl.where(l_t > 0, a_t / l_t, 0.0), mask=m_n)
+        tl.store(p_out + 6 * stride_k, tl.where(l_t > 0, a_t / l_t, 0.0), mask=m_n)
 
 
 @triton.jit
-def _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t, DS, DT, inv_t,
-                   stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+def _load_normaliser(p_nrm, o_n, m_n, N):
+    """(M, log L) [BN] of rows o_n from a [2, N] normaliser."""
+    return tl.load(p_nrm + o_n, mask=m_n, other=0.0), tl.load(p_nrm + N + o_n, mask=m_n, other=0.0)
+
+
+@triton.jit
+def _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, mx_s, ll_s, mx_t, ll_t, DS, DT,
+                   inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                    UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """Student raw logits and the (s, t) log-probabilities of a tile; columns >= Vc hold s = t = 0."""
+    """Student raw logits and the (s, t) log-probabilities (z / T - M) - log L of a tile; columns >= Vc
+    hold s = t = 0."""
     zs_raw = _tile_logits(p_xs, p_ws, p_bs, o_n, o_v, m_n, m_vs, DS, stride_xs, stride_ws, HAS_BS, UPCAST,
                           BN, BV, BD)
-    s = tl.where(m_vc[None, :], zs_raw * inv_t - lse_s[:, None], 0.0)
+    s = tl.where(m_vc[None, :], (zs_raw * inv_t - mx_s[:, None]) - ll_s[:, None], 0.0)
     zt = _tile_logits(p_xt, p_wt, p_bt, o_n, o_v, m_n, m_vc, DT, stride_xt, stride_wt, HAS_BT, UPCAST,
                       BN, BV, BD)
-    t = tl.where(m_vc[None, :], zt * inv_t - lse_t[:, None], 0.0)
+    t = tl.where(m_vc[None, :], (zt * inv_t - mx_t[:, None]) - ll_t[:, None], 0.0)
     return zs_raw, s, t
 
 
 @triton.heuristics(_BIAS_FLAGS)
 @triton.jit
 def _fld_rows(
-    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_lse_s, p_lse_t, p_part,
+    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_nrm_s, p_nrm_t, p_part,
     N, V, VC, DS, DT, inv_t, beta, split, n_split,
     stride_xs, stride_ws, stride_xt, stride_wt,
     DIV: tl.constexpr, LOG_FLOOR: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
@@ -198,16 +212,16 @@ def _fld_rows(
     i_n, i_s = _grouped_ids(tl.program_id(0), N, n_split, BN, GROUP_N)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    lse_s = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
-    lse_t = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+    mx_s, ll_s = _load_normaliser(p_nrm_s, o_n, m_n, N)
+    mx_t, ll_t = _load_normaliser(p_nrm_t, o_n, m_n, N)
     rows = tl.zeros((BN,), tl.float32)
     c = tl.zeros((BN,), tl.float32)
     v_lo = i_s * split
     for v0 in range(v_lo, tl.minimum(v_lo + split, VC), BV):
         o_v = v0 + tl.arange(0, BV)
         m_vc = o_v < VC
-        _, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, o_v < V, m_vc, lse_s, lse_t,
-                                 DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
+        _, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, o_v < V, m_vc, mx_s, ll_s,
+                                 mx_t, ll_t, DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
                                  BN, BV, BD)
         elem, h = _div_terms(s, t, beta, LOG_FLOOR, DIV)
         rows += tl.sum(tl.where(m_vc[None, :], elem, 0.0), axis=1)
@@ -220,7 +234,7 @@ def _fld_rows(
 @triton.heuristics(_BIAS_FLAGS)
 @triton.jit
 def _fld_dlogits(
-    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_labels, p_lse_s, p_lse_t, p_lse_c, p_c, p_coef_div, p_coef_ce, p_g,
+    p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, p_labels, p_nrm_s, p_nrm_t, p_nrm_c, p_c, p_coef_div, p_coef_ce, p_g,
     N, V, VC, DS, DT, inv_t, beta, v_start, v_stop, stride_g,
     stride_xs, stride_ws, stride_xt, stride_wt,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, LOG_FLOOR: tl.constexpr, HAS_BS: tl.constexpr,
@@ -238,11 +252,11 @@ def _fld_dlogits(
     o_v = v_start + i_v * BV + tl.arange(0, BV)
     m_vs = (o_v < v_stop) & (o_v < V)
     m_vc = m_vs & (o_v < VC)
-    lse_s = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
-    lse_t = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+    mx_s, ll_s = _load_normaliser(p_nrm_s, o_n, m_n, N)
+    mx_t, ll_t = _load_normaliser(p_nrm_t, o_n, m_n, N)
     coef = tl.load(p_coef_div + o_n, mask=m_n, other=0.0) * inv_t
-    zs_raw, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, lse_s, lse_t,
-                                  DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
+    zs_raw, s, t = _tile_logprobs(p_xs, p_ws, p_bs, p_xt, p_wt, p_bt, o_n, m_n, o_v, m_vs, m_vc, mx_s, ll_s,
+                                  mx_t, ll_t, DS, DT, inv_t, stride_xs, stride_ws, stride_xt, stride_wt, HAS_BS, HAS_BT, UPCAST,
                                   BN, BV, BD)
     p_s = tl.exp(s)
     if DIV == 0:
@@ -253,10 +267,10 @@ def _fld_dlogits(
         g = p_s * (h - c[:, None])
     g = tl.where(m_vc[None, :], g * coef[:, None], 0.0)
     if HAS_LABELS:
-        lse_c = tl.load(p_lse_c + o_n, mask=m_n, other=0.0)
+        mx_c, ll_c = _load_normaliser(p_nrm_c, o_n, m_n, N)
         coef_ce = tl.load(p_coef_ce + o_n, mask=m_n, other=0.0)
         b_lab = tl.load(p_labels + o_n, mask=m_n, other=-1)
-        p_ce = tl.exp(zs_raw - lse_c[:, None])
+        p_ce = tl.exp((zs_raw - mx_c[:, None]) - ll_c[:, None])
         onehot = tl.where(o_v[None, :] == b_lab[:, None], 1.0, 0.0)
         g += tl.where(m_vs[None, :], (p_ce - onehot) * coef_ce[:, None], 0.0)
     o_g = o_n[:, None] * stride_g + (o_v - v_start)[None, :]
@@ -287,14 +301,15 @@ def _split_grid(n: int, n_split: int):
 
 def fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, inv_t, fkl, separate_ce):
     """Pass 1. xs [N, Ds], ws [V, Ds], bs [V] | None, xt [N, Dt], wt [Vt, Dt], bt [Vt] | None, labels [N] | None
-    (contiguous). Returns fp32 [N] each: lse_s, lse_t, lse_c, z_label (0 without labels), rows (forward_kl
-    rows, else zeros)."""
+    (contiguous). Returns the normalisers nrm_s, nrm_t, nrm_c (fp32 [2, N]: max M and log L, see the module
+    docstring; nrm_c is nrm_s without a separate CE softmax), z_label [N] (0 without labels) and rows [N]
+    (forward_kl rows, else zeros)."""
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
     vc = min(v, vt)
     vtot = v if separate_ce else vc
     split = _split_cols()
     n_split = triton.cdiv(vtot, split)
-    part = torch.zeros(4, n_split, n, device=xs.device, dtype=torch.float32)
+    part = torch.zeros(7, n_split, n, device=xs.device, dtype=torch.float32)
     if n > 0:
         kernel = _fld_stats_kernel_fp32 if xs.dtype == torch.float32 else _fld_stats_kernel
         kernel[_split_grid(n, n_split)](
@@ -302,14 +317,22 @@ def fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, inv_t, fkl, separate_ce):
             xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
             SEPARATE_CE=separate_ce, FKL=fkl, **_launch_meta(xs.dtype),
         )
-    lse = torch.logsumexp(part[:3], dim=1)  # [3, N]; splits past Vc hold -inf
-    lse_s, lse_t = lse[0], lse[1]
-    lse_c = lse[2] if separate_ce else lse_s
-    rows = torch.zeros_like(lse_s)
-    if fkl:  # sum_j p_t (z_t - z_s) / T + lse_s - lse_t, each split weighted by its share of the teacher mass
-        rows = (torch.exp(part[1] - lse_t) * part[3]).sum(0) + lse_s - lse_t
-    z_label = torch.zeros_like(lse_s) if labels is None else _label_logits(xs, ws, bs, labels, v)
-    return lse_s, lse_t, lse_c, z_label, rows
+    nrm_s, nrm_t = _normaliser(part[0], part[1]), _normaliser(part[2], part[3])
+    nrm_c = _normaliser(part[4], part[5]) if separate_ce else nrm_s
+    rows = torch.zeros(n, device=xs.device, dtype=torch.float32)
+    if fkl:  # sum_j p_t (z_t - z_s) / T + lse_s - lse_t, each split weighted by its share of the teacher mass;
+        # lse_s - lse_t is taken as (M_s - M_t) + (log L_s - log L_t) (close teacher and student)
+        share = part[3] * torch.exp(part[2] - nrm_t[0].clamp_min(torch.finfo(torch.float32).min) - nrm_t[1])
+        rows = (share * part[6]).sum(0) + (nrm_s[0] - nrm_t[0]) + (nrm_s[1] - nrm_t[1])
+    z_label = torch.zeros_like(rows) if labels is None else _label_logits(xs, ws, bs, labels, v)
+    return nrm_s, nrm_t, nrm_c, z_label, rows
+
+
+def _normaliser(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per-split running max m and sum l [S, N] -> fp32 [2, N]: (M, log L), M = max_s m, L = sum_s l e^(m - M)."""
+    big = m.amax(0)
+    total = (l * torch.exp(m - big.clamp_min(torch.finfo(torch.float32).min))).sum(0)
+    return torch.stack([big, total.log()])
 
 
 def _label_logits(xs, ws, bs, labels, v):
@@ -322,7 +345,7 @@ def _label_logits(xs, ws, bs, labels, v):
     return torch.where(inside, z, 0.0)
 
 
-def fld_divergence_rows(xs, ws, bs, xt, wt, bt, lse_s, lse_t, inv_t, divergence, beta):
+def fld_divergence_rows(xs, ws, bs, xt, wt, bt, nrm_s, nrm_t, inv_t, divergence, beta):
     """Pass 2: (rows [N], c [N]) fp32 for a divergence other than forward_kl."""
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
     vc = min(v, vt)
@@ -332,15 +355,15 @@ def fld_divergence_rows(xs, ws, bs, xt, wt, bt, lse_s, lse_t, inv_t, divergence,
     if n > 0:
         kernel = _fld_rows_kernel_fp32 if xs.dtype == torch.float32 else _fld_rows_kernel
         kernel[_split_grid(n, n_split)](
-            xs, ws, bs, xt, wt, bt, lse_s, lse_t, part, n, v, vc, xs.shape[1], xt.shape[1], inv_t, beta,
+            xs, ws, bs, xt, wt, bt, nrm_s, nrm_t, part, n, v, vc, xs.shape[1], xt.shape[1], inv_t, beta,
             split, n_split, xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
             DIV=DIV_CODE[divergence], LOG_FLOOR=LOG_FLOOR, **_launch_meta(xs.dtype),
         )
-    rows, c = part.sum(1)
+    rows, c = part.sum(1, dtype=torch.float64).float()  # fixed-order sum over splits
     return rows, c
 
 
-def fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce, inv_t, divergence,
+def fld_dlogits(xs, ws, bs, xt, wt, bt, labels, nrm_s, nrm_t, nrm_c, c, coef_div, coef_ce, inv_t, divergence,
                 beta, v_start, v_stop, out):
     """dL/d(raw student logits) for vocab columns [v_start, v_stop) into out[:, :v_stop - v_start]."""
     n, v, vt = xs.shape[0], ws.shape[0], wt.shape[0]
@@ -350,8 +373,8 @@ def fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div
     grid = lambda meta: (triton.cdiv(n, meta["BN"]) * triton.cdiv(width, meta["BV"]),)  # noqa: E731
     kernel = _fld_dlogits_kernel_fp32 if xs.dtype == torch.float32 else _fld_dlogits_kernel
     kernel[grid](
-        xs, ws, bs, xt, wt, bt, labels if has_labels else lse_s, lse_s, lse_t, lse_c, c, coef_div,
-        coef_ce if has_labels else lse_s, g, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
+        xs, ws, bs, xt, wt, bt, labels if has_labels else c, nrm_s, nrm_t, nrm_c, c, coef_div,
+        coef_ce if has_labels else c, g, n, v, min(v, vt), xs.shape[1], xt.shape[1], inv_t, beta,
         v_start, v_stop, g.stride(0), xs.stride(0), ws.stride(0), xt.stride(0), wt.stride(0),
         DIV=DIV_CODE[divergence], HAS_LABELS=has_labels, LOG_FLOOR=LOG_FLOOR, **_launch_meta(xs.dtype),
     )
@@ -390,21 +413,21 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         v, vc = ws.shape[0], min(ws.shape[0], wt.shape[0])
         fkl = params.divergence == "forward_kl"
         separate_ce = labels is not None and (params.temperature != 1.0 or v != vc)
-        lse_s, lse_t, lse_c, z_label, rows = fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, params.inv_t, fkl,
+        nrm_s, nrm_t, nrm_c, z_label, rows = fld_forward_stats(xs, ws, bs, xt, wt, bt, labels, params.inv_t, fkl,
                                                                separate_ce)
         c = torch.zeros_like(rows)
         if not fkl:
-            rows, c = fld_divergence_rows(xs, ws, bs, xt, wt, bt, lse_s, lse_t, params.inv_t, params.divergence,
+            rows, c = fld_divergence_rows(xs, ws, bs, xt, wt, bt, nrm_s, nrm_t, params.inv_t, params.divergence,
                                           params.beta)
-        div, ce, w_rows, valid, n_valid = finish_rows(rows, lse_c, z_label, weight, labels, params.ignore_index,
-                                                      params.reduction)
-        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid)
+        div, ce, w_rows, valid, n_valid = finish_rows(rows, nrm_c[0] + nrm_c[1], z_label, weight, labels,
+                                                      params.ignore_index, params.reduction)
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, nrm_s, nrm_t, nrm_c, c, w_rows, valid, n_valid)
         ctx.params = params
         return div.to(xs.dtype), ce.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_div, grad_ce):
-        xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, w_rows, valid, n_valid = ctx.saved_tensors
+        xs, ws, bs, xt, wt, bt, labels, nrm_s, nrm_t, nrm_c, c, w_rows, valid, n_valid = ctx.saved_tensors
         params = ctx.params
         n = xs.shape[0]
         coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid)
@@ -425,7 +448,7 @@ class FusedLinearDivergenceTriton(torch.autograd.Function):
         tmp = torch.empty_like(dxs) if dxs is not None and g_dtype != torch.float32 else None
         for v0 in range(0, vtot if n > 0 else 0, chunk):
             v1 = min(vtot, v0 + chunk)
-            g = fld_dlogits(xs, ws, bs, xt, wt, bt, labels, lse_s, lse_t, lse_c, c, coef_div, coef_ce,
+            g = fld_dlogits(xs, ws, bs, xt, wt, bt, labels, nrm_s, nrm_t, nrm_c, c, coef_div, coef_ce,
                             params.inv_t, params.divergence, params.beta, v0, v1, buf)
             if dxs is not None:
                 _add_matmul(dxs, g, ws[v0:v1].to(g_dtype), tmp)
