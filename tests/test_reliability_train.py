@@ -282,3 +282,36 @@ def test_only_the_rank_that_meets_an_error_reports_it(monkeypatch, capsys):
         assert cli.main(["train"]) == 2
         out = capsys.readouterr().err
         assert (out.count("\n") == 1 and str(err) in out) if printed else out == "", (rank, out)
+
+
+def test_two_ranks_report_a_bad_sample_in_one_line_without_rank_prefixes(data_dir, tmp_path):
+    import subprocess
+
+    from test_train import TIMEOUT, clean_env, free_port, train_cmd
+
+    config = _small_config(tmp_path, data_dir)
+    _, _, rows = _small_dataset(data_dir, tmp_path)
+    (tmp_path / "images" / rows[2]["image"]).write_bytes(b"not a png")
+    with open(config) as f:
+        cfg = __import__("yaml").safe_load(f)
+    cfg["stages"][0]["micro_batch_size"] = 2  # 2 ranks x 2 = the global batch of 4
+    with open(config, "w") as f:
+        __import__("yaml").safe_dump(cfg, f)
+    port = free_port()
+    procs = [subprocess.Popen(train_cmd(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=1))
+             for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outs]
+    line = _one_line(outs[0][1], "kdengine train: error: bad sample id=")
+    assert f"id={rows[2]['id']!r}" in line and "[image_corrupt]" in line
+    assert "kdengine train:" not in outs[1][1] and "Traceback" not in outs[1][1] and "[rank" not in outs[1][1]
+    record("bad_inputs", f"{HERE}::test_two_ranks_report_a_bad_sample", [{
+        "input": "kdengine train on 2 ranks, a corrupt image", "policy": "on_bad_sample: error",
+        "what it gets": f"exit codes {[p.returncode for p in procs]}; rank 0 one line, rank 1 silent, no [rank0]: traceback"}])
