@@ -147,3 +147,24 @@ def test_eval_with_a_broken_checkpoint_is_one_line_naming_the_file(tmp_path, cap
         assert __import__("re").search(pattern, err), err
         rows.append({"input": f"kdengine eval, {name}", "policy": "-", "what it gets": f"exit {code}, one line: {err.strip()[len('kdengine eval: error: '):]}"})
     record("bad_inputs", f"{HERE}::test_eval_broken_checkpoint", rows, strip=tmp_path)
+
+
+def test_lazily_skipped_samples_reach_the_batch_through_dataloader_workers(tmp_path, folder, tokenizer, processor):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from kdengine.data.collator import LlavaCollator
+
+    err = BadSample("image_missing", "image file not found: x.png", "s1", "d.jsonl:3")
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.reason, again.sample_id, again.where, str(again)) == (err.reason, err.sample_id, err.where, str(err))
+    (folder / "gone.png").write_bytes((folder / "good.png").read_bytes())
+    rows = [GOOD, {"id": "g", "image": "gone.png", "conversations": conv(("<image>\nq", "a"))}, GOOD | {"id": "ok2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = build_dataset(path, tokenizer, processor, image_folder=folder, template="chat", num_image_tokens=4,
+                       check_images=False, on_bad_sample="skip", verbose=False)
+    (folder / "gone.png").unlink()
+    loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(tokenizer.pad_token_id, ds.image_token_id, 4))
+    (batch,) = list(loader)
+    assert batch["ids"] == ["ok", "ok2"] and [(e.sample_id, e.reason) for e in batch["skipped"]] == [("g", "image_missing")]

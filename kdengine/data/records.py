@@ -50,9 +50,13 @@ class BadSample(ValueError):
         if reason not in REASONS:
             raise ValueError(f"unknown bad-sample reason {reason!r}: expected one of {REASONS}")
         self.reason = reason
+        self.message = message
         self.sample_id = sample_id
         self.where = where
         super().__init__(f"bad sample id={sample_id!r} at {where or '<unknown>'} [{reason}]: {message}")
+
+    def __reduce__(self):  # picklable: DataLoader workers send skipped samples to the main process
+        return BadSample, (self.reason, self.message, self.sample_id, self.where)
 
 
 @dataclass
