@@ -168,3 +168,22 @@ def test_lazily_skipped_samples_reach_the_batch_through_dataloader_workers(tmp_p
     loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(tokenizer.pad_token_id, ds.image_token_id, 4))
     (batch,) = list(loader)
     assert batch["ids"] == ["ok", "ok2"] and [(e.sample_id, e.reason) for e in batch["skipped"]] == [("g", "image_missing")]
+
+
+def test_a_lazy_failure_under_error_in_a_worker_reaches_the_reader_as_the_bad_sample(tmp_path, folder, tokenizer, processor):
+    from torch.utils.data import DataLoader
+
+    from kdengine.data.collator import LlavaCollator
+
+    (folder / "gone.png").write_bytes((folder / "good.png").read_bytes())
+    rows = [GOOD, {"id": "g", "image": "gone.png", "conversations": conv(("<image>\nq", "a"))}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = build_dataset(path, tokenizer, processor, image_folder=folder, template="chat", num_image_tokens=4,
+                       check_images=False, verbose=False)
+    (folder / "gone.png").unlink()
+    collate = LlavaCollator(tokenizer.pad_token_id, ds.image_token_id, 4)
+    (batch,) = list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate))
+    assert batch["ids"] == ["ok"] and batch["skipped"] == []
+    assert [str(e) for e in batch["failed"]] == [f"bad sample id='g' at {path}:2 [image_missing]: image file not found: {folder / 'gone.png'}"]
+    with pytest.raises(BadSample, match=r"\[image_missing\]"):  # outside a worker it raises at once
+        ds[1]

@@ -164,9 +164,9 @@ def _small_dataset(data_dir: str, out, n: int = 8) -> tuple[str, str, list]:
     return str(path), str(images), rows
 
 
-def _small_config(tmp_path, data_dir, **dataset) -> str:
+def _small_config(tmp_path, data_dir, engine=None, **dataset) -> str:
     path, images, _ = _small_dataset(data_dir, tmp_path)
-    config = write_config(tmp_path / "cfg.yaml", data_dir, str(tmp_path / "run"), [SFT])
+    config = write_config(tmp_path / "cfg.yaml", data_dir, str(tmp_path / "run"), [SFT], **(engine or {}))
     with open(config) as f:
         cfg = json.loads(json.dumps(__import__("yaml").safe_load(f)))
     cfg["datasets"]["instruct"] = {"path": path, "image_folder": images, "template": "chat", **dataset}
@@ -225,8 +225,9 @@ def test_lazily_decoded_images_are_counted_under_skip_and_one_line_under_error(d
     skip_dir, error_dir = tmp_path / "skip", tmp_path / "error"
     skip_dir.mkdir(), error_dir.mkdir()
     runs = {}
-    for folder, policy in ((skip_dir, "skip"), (error_dir, "error")):
-        config = _small_config(folder, data_dir, check_images=False, on_bad_sample=policy)
+    for folder, policy in ((skip_dir, "skip"), (error_dir, "error")):  # the error one loads in a worker process
+        engine = {"num_workers": 1} if policy == "error" else None
+        config = _small_config(folder, data_dir, engine, check_images=False, on_bad_sample=policy)
         _, _, rows = _small_dataset(data_dir, folder)
         gone = [rows[1], rows[6]]
         for r in gone:
@@ -251,7 +252,8 @@ def test_lazily_decoded_images_are_counted_under_skip_and_one_line_under_error(d
         {"input": f"{len(gone)} images missing at training time (check_images: false)", "policy": "on_bad_sample: skip",
          "what it gets": f"exit 0; metrics.jsonl skipped: {sum(r['skipped'] for r in recs)} with their ids; "
                          f"summary skipped: {row['skipped']}"},
-        {"input": "an image missing at training time (check_images: false)", "policy": "on_bad_sample: error",
+        {"input": "an image missing at training time (check_images: false, num_workers: 1)",
+         "policy": "on_bad_sample: error",
          "what it gets": f"exit {proc_e.returncode}, one line: {line}"},
     ], strip=tmp_path)
 

@@ -11,6 +11,8 @@ Batch contract (B samples, L = longest sample, right padding)::
     ids             list         record ids, length B
     skipped         list[BadSample]   samples of this micro-batch dropped while loading (lazily
                                  decoded images under on_bad_sample="skip"), for the trainer to count
+    failed          list[BadSample]   (only when not empty) samples that failed under "error" in a
+                                 DataLoader worker: the reader raises the first
 
 When every sample of a micro-batch was dropped the batch is ``{"ids": [], "skipped": [...]}``
 (no tensors). Truncation is the dataset's job (it knows the policy and counts cuts and drops);
@@ -53,10 +55,12 @@ class LlavaCollator:
             raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of}: expected None or >= 1")
 
     def __call__(self, samples: list[dict | SkippedSample]) -> dict:
-        skipped = [s.error for s in samples if isinstance(s, SkippedSample)]
+        dropped = [s for s in samples if isinstance(s, SkippedSample)]
+        skipped = [s.error for s in dropped if not s.fatal]
+        failed = {"failed": [s.error for s in dropped if s.fatal]} if any(s.fatal for s in dropped) else {}
         samples = [s for s in samples if not isinstance(s, SkippedSample)]
         if not samples:
-            return {"ids": [], "skipped": skipped}
+            return {"ids": [], "skipped": skipped, **failed}
         L = max(len(s["input_ids"]) for s in samples)
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -90,4 +94,5 @@ class LlavaCollator:
             "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
             "ids": [s["id"] for s in samples],
             "skipped": skipped,
+            **failed,
         }

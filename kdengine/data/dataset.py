@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .images import process_images
 from .records import BadSample, BadSampleSummary, Record, check_on_bad_sample, load_records, open_image
@@ -27,10 +27,13 @@ TRUNCATION = ("truncate", "skip", "error")
 
 @dataclass(frozen=True)
 class SkippedSample:
-    """What ``__getitem__`` returns for a sample dropped under ``on_bad_sample="skip"`` (an image
-    that failed to load lazily); the collator lists these in ``batch["skipped"]``."""
+    """What ``__getitem__`` returns for a sample whose image failed to load lazily: under
+    ``on_bad_sample="skip"`` (the collator lists it in ``batch["skipped"]``), or under "error" in a
+    DataLoader worker (``fatal``; listed in ``batch["failed"]`` for the reader to raise, since a
+    worker's exception reaches the main process as a multi-line RuntimeError)."""
 
     error: BadSample
+    fatal: bool = False
 
 
 class LlavaDataset(Dataset):
@@ -148,10 +151,11 @@ class LlavaDataset(Dataset):
             try:
                 images = [open_image(p, rec.id, rec.where) for p in rec.images]
             except BadSample as err:
-                if self.on_bad_sample == "error":
+                in_worker = get_worker_info() is not None
+                if self.on_bad_sample == "error" and not in_worker:
                     raise
-                # Counted by whoever reads the batches (a DataLoader worker's own counts would be lost).
-                return SkippedSample(err)
+                # Counted (or raised) by whoever reads the batches (a worker's own counts would be lost).
+                return SkippedSample(err, fatal=self.on_bad_sample == "error")
             pixel_values = process_images(images, self.image_processor, self.pad_to_square)
         return {
             "id": rec.id,

@@ -218,6 +218,11 @@ def train_step(engine, batches: list[dict], teacher: Teacher | None, share: bool
     sums: dict[str, torch.Tensor] = {}
     tokens, gnorm = 0, None
     skipped = [err for batch in batches for err in batch.get("skipped", ())]
+    for batch in batches:
+        if batch.get("failed"):  # on_bad_sample: error, met in a DataLoader worker
+            err = batch["failed"][0]
+            err.rank_local = True
+            raise err
     for i, batch in enumerate(batches):
         if "input_ids" not in batch:
             ids = ", ".join(f"{e.sample_id!r} ({e.reason})" for e in batch["skipped"][:MAX_SKIPPED_IDS])
