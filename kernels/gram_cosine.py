@@ -183,13 +183,14 @@ def _gram_grad_matmul_kernel(
     stride_at_b, stride_at_p, stride_ht_b, stride_ht_p,
     stride_m_b, stride_m_p, stride_o_b, stride_o_p,
     BP: tl.constexpr, BD: tl.constexpr, BDM: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, DOT_PRECISION: tl.constexpr, LOWP_M: tl.constexpr,
 ):
-    """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32).
+    """out[b, I, K] = sum_J (coef_t[b] R_t[I, J] - coef_s[b] R_s[I, J]) @ m[b, J, K] (fp32 accumulation).
 
-    The (R_t, R_s) combination is fp32, so the product with m is an fp32 dot: with
-    DOT_PRECISION="ieee" FFMA on sm_80/sm_90, v_mfma_f32_*_f32 on gfx942 (the R tiles themselves use
-    HMMA / HGMMA / v_mfma for bf16/fp16 A and H).
+    The (R_t, R_s) combination is fp32. By default the product with m is an fp32 dot: with
+    DOT_PRECISION="ieee" FFMA on sm_80/sm_90, v_mfma_f32_*_f32 on gfx942. LOWP_M (bf16 m only):
+    the combination is rounded to bf16 and the dot runs on HMMA / HGMMA / v_mfma. The R tiles
+    themselves use HMMA / HGMMA / v_mfma for bf16/fp16 A and H.
     """
     i_k = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1).to(tl.int64)
@@ -217,8 +218,11 @@ def _gram_grad_matmul_kernel(
                           BP, BD, UPCAST_T, DOT_PRECISION)
         b_c = b_ct * b_rt - b_cs * b_rs
         p_m = m + i_b * stride_m_b + o_j[:, None] * stride_m_p + o_k[None, :]
-        b_m = tl.load(p_m, mask=m_j[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_o = tl.dot(b_c, b_m, b_o, input_precision=DOT_PRECISION)
+        b_m = tl.load(p_m, mask=m_j[:, None] & m_k[None, :], other=0.0)
+        if LOWP_M:
+            b_o = tl.dot(b_c.to(b_m.dtype), b_m, b_o)
+        else:
+            b_o = tl.dot(b_c, b_m.to(tl.float32), b_o, input_precision=DOT_PRECISION)
 
     p_o = out + i_b * stride_o_b + o_i[:, None] * stride_o_p + o_k[None, :]
     tl.store(p_o, b_o, mask=m_i[:, None] & m_k[None, :])
@@ -330,7 +334,7 @@ def gram_grad_matmul(
     a_s: torch.Tensor, h_s: torch.Tensor, a_t: torch.Tensor, h_t: torch.Tensor,
     coef_t: torch.Tensor, coef_s: torch.Tensor, m: torch.Tensor,
     *, BP: int | None = None, BD: int | None = None, BDM: int | None = None,
-    input_precision: str = "ieee",
+    input_precision: str = "ieee", lowp_m: bool = False,
 ) -> torch.Tensor:
     """out[b] = (coef_t[b] * R_t[b] - coef_s[b] * R_s[b]) @ m[b], R tiles recomputed on the fly.
 
@@ -342,6 +346,8 @@ def gram_grad_matmul(
             interpreted. Each Dm-block recomputes its R tiles, so the R work is repeated
             ceil(Dm / BDM) times: concatenate right-hand sides into one m rather than calling twice.
         input_precision: tl.dot precision for fp32 operands (see `gram_stats`).
+        lowp_m: with a bf16 m, round the R combination to bf16 and run its product with m on tensor
+            cores (bf16-level error instead of fp32's); ignored for other dtypes and under the interpreter.
 
     Returns:
         Float32 [B, P, Dm]. R is used as computed (A @ H^T), no symmetry is assumed.
@@ -367,7 +373,8 @@ def gram_grad_matmul(
         P, a_s.shape[2], a_t.shape[2], Dm,
         *_strides(a_s), *_strides(h_s), *_strides(a_t), *_strides(h_t),
         *_strides(m), *_strides(out),
-        DOT_PRECISION=input_precision, **blocks,
+        DOT_PRECISION=input_precision, LOWP_M=bool(lowp_m) and m.dtype == torch.bfloat16 and not interpreting(),
+        **blocks,
     )
     return out
 
@@ -375,6 +382,10 @@ def gram_grad_matmul(
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
+def _a_dtype(h_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if h_dtype == torch.bfloat16 else torch.float32
+
+
 class GramStatsTriton(torch.autograd.Function):
     """stats [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2) with R = H G H^T, gradients into H_s and G_s.
 
@@ -383,15 +394,17 @@ class GramStatsTriton(torch.autograd.Function):
     gradient. Backward, with dR_s = g_st R_t + 2 g_ss R_s (symmetric) from grad_stats [B, 3]:
         dH_s = 2 dR_s A_s,  dG_s = sum_b H_s^T dR_s H_s,
     both from one `gram_grad_matmul` over m = [A_s | H_s] (the R tiles are recomputed once).
-    A = H G is fp32 here, so the kernels upcast H and run their dots as fp32 "ieee" (FFMA).
+    A = H G is computed in fp32 and stored in bf16 for bf16 H, so the dots run on tensor cores (A and
+    the backward's R combination rounded to bf16); otherwise A stays fp32 (fp16's range could overflow)
+    and every dot is fp32 "ieee" (FFMA).
     """
 
     @staticmethod
     def forward(ctx, h_s, g_s, h_t, g_t):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise ValueError("GramStatsTriton: h_t / g_t (teacher) must not require grad")
-        a_s = h_s.float() @ g_s.float()
-        a_t = h_t.float() @ g_t.float()
+        a_s = (h_s.float() @ g_s.float()).to(_a_dtype(h_s.dtype))
+        a_t = (h_t.float() @ g_t.float()).to(_a_dtype(h_t.dtype))
         stats = gram_stats(a_s, h_s, a_t, h_t, symmetric=True)
         ctx.save_for_backward(a_s, h_s, a_t, h_t)
         ctx.g_dtype = g_s.dtype
@@ -406,9 +419,9 @@ class GramStatsTriton(torch.autograd.Function):
         grad_stats = grad_stats.float()
         coef_t = grad_stats[:, 0].contiguous()
         coef_s = (-2.0 * grad_stats[:, 1]).contiguous()
-        parts = ([a_s] if need_h else []) + ([h_s.float()] if need_g else [])
+        parts = ([a_s] if need_h else []) + ([h_s] if need_g else [])
         m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        out = gram_grad_matmul(a_s, h_s, a_t, h_t, coef_t, coef_s, m)  # dR_s @ m
+        out = gram_grad_matmul(a_s, h_s, a_t, h_t, coef_t, coef_s, m, lowp_m=True)  # dR_s @ m
         ds = a_s.shape[2]
         grad_h = (2.0 * out[..., :ds]).to(h_s.dtype) if need_h else None
         grad_g = None
