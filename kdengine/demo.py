@@ -71,7 +71,8 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
                           f"expected the demo's main rows {list(MAIN_ROWS)}")
     chosen = students if ablation else [r for r in students if r in MAIN_ROWS]
     keep = {TEACHER} | {STUDENT_PREFIX + r for r in chosen}
-    cfg.stages = [st for st in cfg.stages if st.model in keep]
+    read = {st.teacher_cache for st in cfg.stages if st.model in keep}  # teacher caches the kept rows read
+    cfg.stages = [st for st in cfg.stages if (st.name in read if st.kind == "teacher_cache" else st.model in keep)]
 
     # One seed moves everything random: the data, the model initialisations and the data order.
     cfg.run.seed = seed
@@ -94,12 +95,23 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
             before = steps.get(st.data, 0)
             steps[st.data] = None if before is None or st.max_steps is None else before + st.max_steps
         label = TEACHER if name == TEACHER else "student " + "+".join(st.kind.upper() for st in stages)
+        label += _cache_note(cfg, stages)
         rows.append(Row(name, label, model, [st.name for st in stages], steps))
     budgets = {json.dumps(r.steps, sort_keys=True) for r in rows[1:]}
     if len(budgets) > 1:
         raise ConfigError(f"{config}: the student rows spend different step budgets "
                           f"{ {r.name: r.steps for r in rows[1:]} }; expected the same steps on the same data")
     return cfg, rows
+
+
+def _cache_note(cfg, stages) -> str:
+    """" (cached hidden)" or " (cached top-k, k=8)" for a row whose distilling stages read a teacher cache."""
+    caches = {st.name: st.cache for st in cfg.stages if st.kind == "teacher_cache"}
+    used = [caches[st.teacher_cache] for st in stages if st.teacher_cache in caches]
+    if not used:
+        return ""
+    c = used[0]
+    return " (cached hidden)" if c.mode == "hidden" else f" (cached top-k, k={c.k})"
 
 
 def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo", seed: int = 0,

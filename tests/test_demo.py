@@ -14,7 +14,8 @@ from kdengine.train.config import ConfigError
 
 TYPES = ("exact", "yesno", "mc")
 MAIN_LABELS = ["teacher", "student PT+SFT", "student DPT+SFT+DFT"]
-ABLATION_LABELS = MAIN_LABELS + ["student PT+DFT", "student DPT+SFT", "student DPT+DFT"]
+ABLATION_LABELS = MAIN_LABELS + ["student PT+DFT", "student DPT+SFT", "student DPT+DFT",
+                                 "student DPT+SFT+DFT (cached hidden)", "student DPT+SFT+DFT (cached top-k, k=8)"]
 
 
 def _small(steps: int = 4) -> list[str]:
@@ -46,6 +47,16 @@ def test_rows_and_budgets():
     assert rows[0].label == "teacher"
     budgets = [r.steps for r in rows[1:]]
     assert all(b == budgets[0] for b in budgets), budgets
+    cfg, _ = demo_config(DEFAULT_CONFIG, ablation=True)
+    names = [st.name for st in cfg.stages]
+    # the cached rows read caches written earlier in the pipeline and take the online row's seeds
+    for st in cfg.stages:
+        if st.teacher_cache is not None:
+            assert names.index(st.teacher_cache) < names.index(st.name)
+        if "cached" in st.name:
+            assert st.seed_as == "dpt_sft_dft-" + st.name.rsplit("-", 1)[1]
+    main_cfg, _ = demo_config(DEFAULT_CONFIG)
+    assert not any(st.kind == "teacher_cache" for st in main_cfg.stages)  # no cache work without --ablation
 
 
 def test_unequal_budget_is_refused():

@@ -197,6 +197,7 @@ class StageConfig:
     micro_batch_size: int = 8  # samples per forward on one rank
     grad_clip: float = 1.0  # 0 disables clipping
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: none)
+    seed_as: str | None = None  # take the RNG seeds (data order) of this other stage, e.g. to rerun it exactly
 
     def __post_init__(self):
         """The kind's defaults, then every check that needs no other section (see `check` for those)."""
@@ -602,6 +603,12 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
             f"{where}.teacher = {teacher!r}: kind {stage.kind!r} is cross-entropy only; "
             f"expected no teacher (use kind dpt or dft to distill)"
         )
+    if stage.seed_as is not None:
+        same = [st for st in cfg.stages if st.name == stage.seed_as and st.name != stage.name]
+        if not same or same[0].data != stage.data:
+            others = sorted(st.name for st in cfg.stages if st.data == stage.data and st.name != stage.name)
+            raise ConfigError(f"{where}.seed_as = {stage.seed_as!r}: expected another stage on data "
+                              f"{stage.data!r}, one of {others}")
     per_step = stage.micro_batch_size * world_size
     if stage.batch_size % per_step:
         raise ConfigError(

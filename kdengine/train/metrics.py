@@ -123,15 +123,17 @@ class Progress:
 
 
 def format_summary(rows: list[dict]) -> str:
-    """Fixed-width table of finished stages: name, kind, model, steps, time, last loss, samples
-    truncated (at build) and skipped while training, output."""
-    head = (f"{'stage':<16}{'kind':<6}{'model':<10}{'steps':>7}{'time':>10}{'loss':>10}"
+    """Table of finished stages: name, kind, model, steps, time, last loss, samples truncated (at
+    build) and skipped while training, output. The text columns are as wide as their longest entry."""
+    w_stage, w_kind, w_model = (max([len(title)] + [len(str(r[key])) for r in rows]) + 2
+                                for key, title in (("stage", "stage"), ("kind", "kind"), ("model", "model")))
+    head = (f"{'stage':<{w_stage}}{'kind':<{w_kind}}{'model':<{w_model}}{'steps':>7}{'time':>10}{'loss':>10}"
             f"{'truncated':>10}{'skipped':>8}  checkpoint")
     lines = [head, "-" * len(head)]
     for r in rows:
         loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
         time = f"{r['seconds']:.1f}s" if r.get("seconds") is not None else "-"
         counts = "".join(f"{r[k] if r.get(k) is not None else '-':>{w}}" for k, w in (("truncated", 10), ("skipped", 8)))
-        lines.append(f"{r['stage']:<16}{r['kind']:<6}{r['model']:<10}{r['steps']:>7}{time:>10}{loss:>10}{counts}  "
-                     f"{r['path']}{'  (already done)' if r.get('already_done') else ''}")
+        lines.append(f"{r['stage']:<{w_stage}}{r['kind']:<{w_kind}}{r['model']:<{w_model}}{r['steps']:>7}{time:>10}"
+                     f"{loss:>10}{counts}  {r['path']}{'  (already done)' if r.get('already_done') else ''}")
     return "\n".join(lines)

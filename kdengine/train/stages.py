@@ -84,6 +84,8 @@ def run_stage(session: Session, index: int, stage: StageConfig) -> dict:
 def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
     """Student (from its previous stage), teacher, data and the DeepSpeed engine of a stage."""
     cfg, dist = session.cfg, session.dist
+    if stage.seed_as is not None:  # the same random draws as that stage (position-based seeds below)
+        index = [st.name for st in cfg.stages].index(stage.seed_as)
     torch.manual_seed(cfg.run.seed + index)
     model, processor = load_model(cfg.models[stage.model], session.latest.get(stage.model), dist.device)
     set_trainable(model, stage.trainable)
