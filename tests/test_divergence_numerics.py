@@ -40,7 +40,7 @@ def grads(impl, tensors, dtype, divergence, **kw):
     return out.detach(), xs.grad, ws.grad
 
 
-IMPLS = ["torch"]
+IMPLS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("kind", ["large", "near_equal", "near_negative"])

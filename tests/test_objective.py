@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -122,3 +123,22 @@ def test_loss_weights_check_themselves():
         LossWeights(rel=-1)
     with pytest.raises(ValueError, match=r"ce = 'x': expected a finite number"):
         LossWeights(ce="x")
+
+
+def test_frozen_teacher_gram_is_computed_once(monkeypatch):
+    """Across steps the frozen teacher's W^T W comes from the cache (the weight object is passed through)."""
+    gram = importlib.import_module("kdengine.losses.gram_cosine")
+    student, teacher = make_batch()
+    calls = []
+    real = gram.weight_gram
+
+    def counting(weight, rows):
+        g = real(weight, rows)
+        calls.append((weight is teacher.lm_head_weight, id(g)))
+        return g
+
+    monkeypatch.setattr(gram, "weight_gram", counting)
+    for _ in range(3):
+        llava_kd_loss(student, teacher, LossWeights(), DistillSettings(impl="torch"), num_image_tokens=4)
+    teacher_grams = {g for is_teacher, g in calls if is_teacher}
+    assert sum(is_teacher for is_teacher, _ in calls) == 3 and len(teacher_grams) == 1, calls

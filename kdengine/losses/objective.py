@@ -117,7 +117,7 @@ def llava_kd_loss(student, teacher, weights: LossWeights, settings: DistillSetti
         is_resp = resp[rows]
         xs = student.hidden[rows]
         xt = teacher.hidden[rows].detach().to(xs.dtype)
-        wt = teacher.lm_head_weight.detach().to(xs.dtype)
+        wt = _frozen(teacher.lm_head_weight, xs.dtype)
         labels = torch.where(is_resp, student.next_labels[rows], IGNORE_INDEX)
         div_rows, ce = fused_linear_divergence(
             xs, student.lm_head_weight, xt, wt, divergence=settings.divergence, beta=settings.beta,
@@ -148,5 +148,13 @@ def _rdist(student, teacher, p, settings):
         raise ValueError(f"{n} visual tokens in the batch is not a multiple of num_image_tokens={p}")
     hs = student.hidden[vis].view(n // p, p, -1)
     ht = teacher.hidden[vis].detach().to(hs.dtype).view(n // p, p, -1)
-    return gram_cosine_loss(hs, student.lm_head_weight, ht, teacher.lm_head_weight.detach().to(hs.dtype),
+    return gram_cosine_loss(hs, student.lm_head_weight, ht, _frozen(teacher.lm_head_weight, hs.dtype),
                             reduction=settings.rdist_reduction, impl=settings.impl)
+
+
+def _frozen(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's weight as a no-grad tensor of ``dtype``: the Parameter itself when it already is one,
+    so RDist's W^T W cache (keyed on the tensor object) hits on every step instead of recomputing."""
+    if not weight.requires_grad and weight.dtype == dtype:
+        return weight
+    return weight.detach().to(dtype)
