@@ -149,7 +149,8 @@ def _add_demo(sub) -> None:
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seed for the data, the model initialisations and the data order")
-    demo.add_argument("--ablation", action="store_true", help="add the rows PT+DFT, DPT+SFT, DPT+DFT and DPT+SFT+DFT from a teacher cache (hidden, top-k k=8)")
+    demo.add_argument("--ablation", action="store_true",
+                      help="add the rows PT+DFT, DPT+SFT, DPT+DFT and DPT+SFT+DFT from a teacher cache (hidden, top-k k=8)")
     demo.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
     _add_overrides(demo, set_help="override a config value, as in kdengine train (repeatable)",
                    resume_help="continue an interrupted demo in --out")
