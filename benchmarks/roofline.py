@@ -266,12 +266,17 @@ def hbm_bytes(prog: Program, grid, resident: int) -> tuple[float, float, int]:
 
 
 def tc_table(path: Path) -> dict:
-    """{(kernel, target, dtype): tensor-core instruction count} from the compile table (if present)."""
+    """{(kernel, target, dtype): fewest tensor-core instructions over its compiled variants and configs}
+    from the compile table (if present): a kernel counts as on tensor cores only if every variant is."""
     if not path.exists():
         return {}
+    out: dict = {}
     with open(path) as f:
-        return {(r["kernel"], r["target"], r["dtype"]): int(r["tc_instr"] or 0)
-                for r in csv.DictReader(f) if r["status"] == "ok"}
+        for r in csv.DictReader(f):
+            if r["status"] == "ok":
+                key = (r["kernel"], r["target"], r["dtype"])
+                out[key] = min(out.get(key, 1 << 30), int(r["tc_instr"] or 0))
+    return out
 
 
 def kernel_peak(name, dtype, gpu, tc) -> tuple[float, str]:
