@@ -74,29 +74,21 @@ def _triton_types():
 
 
 def import_kernel_modules() -> tuple[list, dict]:
-    """Import every module of kdengine.kernels with the interpreter off: (modules, {name: import error}).
-
-    A module that turned the interpreter on when no GPU is visible would see
-    ``torch.cuda.is_available() == True`` while it is imported; nothing is launched here.
-    """
+    """Import every module of kdengine.kernels with the interpreter off: (modules, {name: import error})."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("TRITON_INTERPRET=1 is set: under the interpreter the kernels are not JIT "
                          "functions and cannot be compiled. Run with TRITON_INTERPRET unset.")
     pkg = importlib.import_module(KERNELS_PACKAGE)
-    real = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True
     mods, errors = [], {}
-    try:
-        for m in pkgutil.iter_modules(pkg.__path__):
-            name = f"{KERNELS_PACKAGE}.{m.name}"
-            try:
-                mods.append(importlib.import_module(name))
-            except Exception as e:  # noqa: BLE001 - reported as a FAILED row
-                errors[name] = f"import failed: {type(e).__name__}: {e}"
-    finally:
-        torch.cuda.is_available = real
-    if os.environ.pop("TRITON_INTERPRET", None) == "1":
-        raise SystemExit(f"importing {KERNELS_PACKAGE} set TRITON_INTERPRET=1; kernels would be interpreted")
+    for m in pkgutil.iter_modules(pkg.__path__):
+        name = f"{KERNELS_PACKAGE}.{m.name}"
+        try:
+            mods.append(importlib.import_module(name))
+        except Exception as e:  # noqa: BLE001 - reported as a FAILED row
+            errors[name] = f"import failed: {type(e).__name__}: {e}"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit(f"importing {KERNELS_PACKAGE} set TRITON_INTERPRET=1: its kernels are interpreted, "
+                         "not compiled; a module must not set it at import time")
     return mods, errors
 
 
@@ -231,19 +223,14 @@ def scenarios(shape_names, divergences):
     return out
 
 
-def capture(kernels, mods, shape_names, dtype_names, divergences, run_hooks=None):
-    """Run every scenario on meta tensors; returns (launches, errors [(shape, scenario, dtype, message)]).
-
-    ``run_hooks`` (optional) is a context-manager factory entered around each scenario (the roofline
-    uses it to record the torch ops between the kernels).
-    """
+def capture(kernels, shape_names, dtype_names, divergences):
+    """Run every scenario on meta tensors; returns (launches, errors [(shape, scenario, dtype, message)])."""
     launches, errors = [], []
     for sname, label, fn in scenarios(shape_names, divergences):
         for dname in dtype_names:
             log = []
-            hook = run_hooks(sname, label, dname) if run_hooks else contextlib.nullcontext()
             try:
-                with recording(kernels, log), hook:
+                with recording(kernels, log):
                     fn(SHAPES[sname], DTYPES[dname])
             except Exception as e:  # noqa: BLE001 - every failure becomes a table row
                 errors.append((sname, label, dname, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
@@ -549,7 +536,7 @@ def main(argv=None) -> int:
     kernels = discover(mods)
     divergences = DIVERGENCE_SETS.get(args.divergences) or tuple(args.divergences.split(","))
     targets, skipped = available_targets(args.targets.split(","))
-    launches, errors = capture(kernels, mods, args.shapes.split(","), args.dtypes.split(","), divergences)
+    launches, errors = capture(kernels, args.shapes.split(","), args.dtypes.split(","), divergences)
     if args.kernels:
         launches = [r for r in launches if re.search(args.kernels, r.name)]
     if args.max_configs:

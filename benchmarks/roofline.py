@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import re
 import sys
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import gpu_compile as gc
+from benchmarks import gpu_compile as aot
 
 # Datasheet peaks (dense). A100 SXM4 80GB, H100 SXM5.
 GPUS = {
@@ -293,16 +294,16 @@ def kernel_peak(name, dtype, gpu, tc) -> tuple[float, str]:
 def model_launch(rec, kernels, gpu, tc, per_sm):
     """Best predicted (over autotune configs) cost of one recorded launch on ``gpu``."""
     obj = kernels[(rec.module, rec.name)]
-    _, jit = gc.unwrap(obj)
+    _, jit = aot.unwrap(obj)
     fn = KERNEL_MODELS.get(rec.name) or KERNEL_MODELS.get(re.sub(r"_(fp32|bf16|fp16)$", "", rec.name))
     if fn is None:
         return None
     g = GPUS[gpu]
     peak, peak_kind = kernel_peak(rec.name, rec.dtype, gpu, tc)
     best = None
-    for kwargs, _cfg in gc.expand_configs(obj, rec.args, rec.kwargs):
+    for kwargs, _cfg in aot.expand_configs(obj, rec.args, rec.kwargs):
         a = {**dict(zip(jit.arg_names, rec.args)), **kwargs}
-        grid = gc.eval_grid(rec.grid, jit, rec.args, kwargs)
+        grid = aot.eval_grid(rec.grid, jit, rec.args, kwargs)
         prog = fn(a, grid)
         wave_b, no_l2, n = hbm_bytes(prog, grid, g["sms"] * per_sm)
         t_c = math.ceil(n / (g["sms"] * per_sm)) * per_sm * prog.flops / (peak / g["sms"])
@@ -339,7 +340,7 @@ def gemm_ideal_flops(spec, label) -> float | None:
 def run_case(kernels, shape, label, dtype, per_sm, tc):
     """Capture one (shape, scenario) and return per-GPU breakdown rows and the totals."""
     launches, mode = _capture_one(kernels, shape, label, dtype)
-    spec = gc.SHAPES[shape]
+    spec = aot.SHAPES[shape]
     out = []
     for gpu in GPUS:
         parts = defaultdict(lambda: dict(flops=0.0, bytes=0.0, no_l2=0.0, ms=0.0, n=0, bound=set(),
@@ -383,12 +384,17 @@ def _accumulate(p, c):
 
 def _capture_one(kernels, shape, label, dtype):
     """(launches, TorchOps) of exactly one scenario."""
-    for sname, lab, fn in gc.scenarios([shape], gc.DIVERGENCE_SETS["all"]):
+    for sname, lab, fn in aot.scenarios([shape], aot.DIVERGENCE_SETS["all"]):
         if lab != label:
             continue
         log, mode = [], TorchOps()
-        with gc.recording(kernels, log), mode:
-            held = [t for t in fn(gc.SHAPES[sname], gc.DTYPES[dtype]) if t is not None]
+        gc.collect()
+        gc.disable()  # tensors in reference cycles then live to the end of the step in every run alike
+        try:
+            with aot.recording(kernels, log), mode:
+                held = [t for t in fn(aot.SHAPES[sname], aot.DTYPES[dtype]) if t is not None]
+        finally:
+            gc.enable()
         # resident before and after the step: the inputs and their gradients (as benchmarks/harness.py)
         mode.resident = sum(_nbytes(t) + _nbytes(t.grad) for t in held)
         for rec in log:
@@ -462,17 +468,17 @@ def write_tables(rows, out_dir: Path, args, commit, elapsed):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", default="bf16", choices=list(gc.DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=list(aot.DTYPES))
     ap.add_argument("--programs-per-sm", type=int, default=1, help="resident programs per SM (occupancy)")
-    ap.add_argument("--compile-table", default=str(gc.RESULTS / "gpu_compile.csv"),
+    ap.add_argument("--compile-table", default=str(aot.RESULTS / "gpu_compile.csv"),
                     help="gpu_compile.csv: which kernels run their dots on tensor cores")
-    ap.add_argument("--out", default=str(gc.RESULTS))
+    ap.add_argument("--out", default=str(aot.RESULTS))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    mods, import_errors = gc.import_kernel_modules()
+    mods, import_errors = aot.import_kernel_modules()
     if import_errors:
         print(f"kernel modules that failed to import (not modelled): {import_errors}", file=sys.stderr)
-    kernels = gc.discover(mods)
+    kernels = aot.discover(mods)
     tc = tc_table(Path(args.compile_table))
     if not tc:
         print(f"no compile table at {args.compile_table}: tensor cores assumed for 16-bit inputs", file=sys.stderr)
@@ -480,7 +486,7 @@ def main(argv=None) -> int:
     for shape, labels in CASES.items():
         for label in labels:
             rows += run_case(kernels, shape, label, args.dtype, args.programs_per_sm, tc)
-    commit = gc.commit_id()
+    commit = aot.commit_id()
     elapsed = time.perf_counter() - t0
     csv_path, md_path = write_tables(rows, Path(args.out), args, commit, elapsed)
     print(f"\nRoofline, PREDICTED (datasheet peaks), {args.dtype}, commit {commit}")
