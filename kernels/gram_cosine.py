@@ -386,6 +386,13 @@ def _a_dtype(h_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if h_dtype == torch.bfloat16 else torch.float32
 
 
+def _dot_precision(h_dtype: torch.dtype) -> str:
+    """fp16 H: A stays fp32 (fp16's range could overflow) and the fp32 dots run as tf32 on tensor cores;
+    tf32 keeps fp16's 10-bit mantissa, so every fp16 value of H is exact and A is rounded as fp16 would
+    round it, without the overflow. Everything else: "ieee" (bf16 tiles are native 16-bit dots)."""
+    return "tf32" if h_dtype == torch.float16 and not interpreting() else "ieee"
+
+
 class GramStatsTriton(torch.autograd.Function):
     """stats [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2) with R = H G H^T, gradients into H_s and G_s.
 
@@ -395,8 +402,9 @@ class GramStatsTriton(torch.autograd.Function):
         dH_s = 2 dR_s A_s,  dG_s = sum_b H_s^T dR_s H_s,
     both from one `gram_grad_matmul` over m = [A_s | H_s] (the R tiles are recomputed once).
     A = H G is computed in fp32 and stored in bf16 for bf16 H, so the dots run on tensor cores (A and
-    the backward's R combination rounded to bf16); otherwise A stays fp32 (fp16's range could overflow)
-    and every dot is fp32 "ieee" (FFMA).
+    the backward's R combination rounded to bf16). For fp16 H, A stays fp32 (fp16's range could
+    overflow) and the dots are tf32 on tensor cores (``_dot_precision``); for fp32 H every dot is fp32
+    "ieee" (FFMA).
     """
 
     @staticmethod
@@ -405,7 +413,7 @@ class GramStatsTriton(torch.autograd.Function):
             raise ValueError("GramStatsTriton: h_t / g_t (teacher) must not require grad")
         a_s = (h_s.float() @ g_s.float()).to(_a_dtype(h_s.dtype))
         a_t = (h_t.float() @ g_t.float()).to(_a_dtype(h_t.dtype))
-        stats = gram_stats(a_s, h_s, a_t, h_t, symmetric=True)
+        stats = gram_stats(a_s, h_s, a_t, h_t, symmetric=True, input_precision=_dot_precision(h_s.dtype))
         ctx.save_for_backward(a_s, h_s, a_t, h_t)
         ctx.g_dtype = g_s.dtype
         return stats
@@ -421,7 +429,8 @@ class GramStatsTriton(torch.autograd.Function):
         coef_s = (-2.0 * grad_stats[:, 1]).contiguous()
         parts = ([a_s] if need_h else []) + ([h_s] if need_g else [])
         m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        out = gram_grad_matmul(a_s, h_s, a_t, h_t, coef_t, coef_s, m, lowp_m=True)  # dR_s @ m
+        out = gram_grad_matmul(a_s, h_s, a_t, h_t, coef_t, coef_s, m, lowp_m=True,  # dR_s @ m
+                               input_precision=_dot_precision(h_s.dtype))
         ds = a_s.shape[2]
         grad_h = (2.0 * out[..., :ds]).to(h_s.dtype) if need_h else None
         grad_g = None
