@@ -87,7 +87,7 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
     rows = []
     for name in [TEACHER] + [r for r in students if r in chosen]:
         model = name if name == TEACHER else STUDENT_PREFIX + name
-        stages = [st for st in cfg.stages if st.model == model]
+        stages = [st for st in cfg.stages if st.model == model and st.kind != "teacher_cache"]  # caches train nothing
         if not stages:
             raise ConfigError(f"{config}: model {model!r} has no stages; expected at least one to train it")
         steps: dict[str, int | None] = {}

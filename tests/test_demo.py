@@ -55,6 +55,7 @@ def test_rows_and_budgets():
             assert names.index(st.teacher_cache) < names.index(st.name)
         if "cached" in st.name:
             assert st.seed_as == "dpt_sft_dft-" + st.name.rsplit("-", 1)[1]
+    assert rows[0].stages == ["teacher_pt", "teacher_sft"]  # the teacher is evaluated from its sft model
     main_cfg, _ = demo_config(DEFAULT_CONFIG)
     assert not any(st.kind == "teacher_cache" for st in main_cfg.stages)  # no cache work without --ablation
 
