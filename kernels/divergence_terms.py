@@ -1,5 +1,6 @@
-"""Elementwise Triton helpers of the divergence kernels: the online log-sum-exp update and the
-divergence terms, mirroring ``kdengine/losses/divergences.py`` (its docstring has the algebra)."""
+"""Triton helpers shared by the divergence kernels (fused_linear_divergence, topk_divergence): the
+lm_head tile product, the online log-sum-exp update and the divergence terms, mirroring
+``kdengine/losses/divergences.py`` (its docstring has the algebra)."""
 
 import triton
 import triton.language as tl
@@ -53,3 +54,21 @@ def _div_terms(s, t, beta, LOG_FLOOR: tl.constexpr, DIV: tl.constexpr):
     return elem, h
 
 
+@triton.jit
+def _tile_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, HAS_BIAS: tl.constexpr,
+                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+    """[BN, BV] fp32 tile of x @ w^T (+ b), looping over D in BD chunks; fp32 inputs use exact fp32
+    products ("ieee", not tf32: the logits feed exp())."""
+    acc = tl.zeros((BN, BV), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
+        if UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return acc

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kdengine.kernels import interpreting
-from kdengine.kernels.divergence_terms import _div_terms, _online
+from kdengine.kernels.divergence_terms import _div_terms, _online, _tile_logits
 from kdengine.kernels.tuning import configs, fixed_or_tuned
 from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients
 
@@ -96,25 +96,6 @@ def _grouped_ids(pid, N, n_cols, BN: tl.constexpr, GROUP_N: tl.constexpr):
     i_n = first + (pid % per_group) % size
     i_c = (pid % per_group) // size
     return i_n.to(tl.int64), i_c.to(tl.int64)
-
-
-@triton.jit
-def _tile_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_xn, stride_wv, HAS_BIAS: tl.constexpr,
-                 UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """[BN, BV] fp32 tile of x @ w^T (+ b), looping over D in BD chunks."""
-    acc = tl.zeros((BN, BV), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-        if UPCAST:
-            b_x = b_x.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    return acc
 
 
 @triton.heuristics(_BIAS_FLAGS)

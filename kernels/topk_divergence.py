@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kdengine.kernels import interpreting
-from kdengine.kernels.divergence_terms import _online
+from kdengine.kernels.divergence_terms import _online, _tile_logits
 from kdengine.losses.topk_divergence_torch import PAD_ID, teacher_bins, topk_coefficients, topk_finish
 
 NO_ID = 2**30  # sorted-id sentinel: padding and loads past K; larger than any column
@@ -91,24 +91,6 @@ def _lower_bound(p_ids, o_n, m_n, K, x, SEARCH_STEPS: tl.constexpr, BN: tl.const
 
 
 @triton.jit
-def _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS: tl.constexpr,
-                     UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """[BN, BV] fp32 tile of x @ w^T + b over BD chunks of D; fp32 inputs use exact fp32 products
-    ("ieee", not tf32: the logits feed exp())."""
-    z = tl.zeros((BN, BV), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        b_x = tl.load(p_x + o_n[:, None] * stride_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)
-        b_w = tl.load(p_w + o_v[:, None] * stride_w + o_d[None, :], mask=m_v[:, None] & (o_d < D)[None, :], other=0.0)
-        if UPCAST:
-            b_x, b_w = b_x.to(tl.float32), b_w.to(tl.float32)
-        z = tl.dot(b_x, tl.trans(b_w), z, input_precision="ieee")
-    if HAS_BIAS:
-        z += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    return z
-
-
-@triton.jit
 def _topk_fwd_kernel(
     p_x, p_w, p_b, p_ids, p_labels, p_zk, p_m, p_ll, p_m_out, p_ll_out, p_lse_c, p_zlab,
     N, V, D, K, inv_t, stride_x, stride_w,
@@ -131,7 +113,7 @@ def _topk_fwd_kernel(
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
-        z = _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS, UPCAST, BN, BV, BD)
+        z = _tile_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS, UPCAST, BN, BV, BD)
         zs = tl.where(m_v[None, :], z * inv_t, float("-inf"))
         m_s, l_s, _, _, _ = _online(m_s, l_s, zs)
         on_s, _, ptr = _walk_support(p_ids, p_zk, p_zk, o_n, m_n, o_v, tl.minimum(v0 + BV, V), K, ptr, z,
@@ -175,7 +157,7 @@ def _topk_bwd_kernel(
     o_v = v_lo + tl.arange(0, BV)
     v_hi = tl.minimum(tl.minimum(v_lo + BV, v_stop), V)
     m_v = o_v < v_hi
-    z = _tile_raw_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS, UPCAST, BN, BV, BD)
+    z = _tile_logits(p_x, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_x, stride_w, HAS_BIAS, UPCAST, BN, BV, BD)
     b_m = tl.load(p_m + o_n, mask=m_n, other=0.0)
     b_ll = tl.load(p_ll + o_n, mask=m_n, other=0.0)
     mass = tl.load(p_mass + o_n, mask=m_n, other=0.0)

@@ -42,14 +42,19 @@ def fused_linear_divergence_reference(
     s = torch.log_softmax(zs_full[:, :vc] / temperature, dim=-1)
     t = torch.log_softmax(zt / temperature, dim=-1)
     rows = divergence_rows_reference(s, t, divergence, beta)
+    return finish_reference(rows, zs_full, weight, labels, ignore_index, reduction, student_hidden.dtype)
+
+
+def finish_reference(rows, z, weight, labels, ignore_index, reduction, dtype):
+    """Row losses [N] and the student's full logits z [N, V] -> div, or (div, mean CE over valid rows)."""
     if weight is not None:
         rows = rows * weight.to(rows.dtype)
-    div = reduce_rows(rows, reduction).to(student_hidden.dtype)
+    div = reduce_rows(rows, reduction).to(dtype)
     if labels is None:
         return div
-    ce = torch.nn.functional.cross_entropy(zs_full, labels.long(), ignore_index=ignore_index, reduction="sum")
+    ce = torch.nn.functional.cross_entropy(z, labels.long(), ignore_index=ignore_index, reduction="sum")
     n_valid = (labels != ignore_index).sum().clamp_min(1)
-    return div, (ce / n_valid).to(student_hidden.dtype)
+    return div, (ce / n_valid).to(dtype)
 
 
 def divergence_rows_reference(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
@@ -139,11 +144,4 @@ def topk_divergence_reference(
         log_q_tail = torch.logsumexp(log_q.masked_fill(support & ~empty, -math.inf), -1)
         used = (p_tail > 0) & ~empty[:, 0]
         rows = rows + torch.where(used, p_tail * (p_tail.clamp_min(1e-300).log() - log_q_tail), 0.0)
-    if weight is not None:
-        rows = rows * weight.to(rows.dtype)
-    div = reduce_rows(rows, reduction).to(student_hidden.dtype)
-    if labels is None:
-        return div
-    ce = torch.nn.functional.cross_entropy(z, labels.long(), ignore_index=ignore_index, reduction="sum")
-    n_valid = (labels != ignore_index).sum().clamp_min(1)
-    return div, (ce / n_valid).to(student_hidden.dtype)
+    return finish_reference(rows, z, weight, labels, ignore_index, reduction, student_hidden.dtype)
