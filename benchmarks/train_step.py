@@ -1,14 +1,14 @@
 """One DFT training step: kdengine's fused objective vs full logits through the HF head (naive),
 and the same step with the teacher cached (kdengine.cache) instead of in memory.
 
-    python -m benchmarks.train_step [--repeats 3] [--impls naive,kdengine,sft,cached_hidden,cached_topk64]
+    python -m benchmarks.train_step [--repeats 3] [--impls naive,kdengine,teacher_forward,sft,cached_hidden,cached_topk64]
 
 Both sides run the same tiny teacher and student (SigLIP + Qwen2 from config) with a real Qwen
 vocabulary (V = 151,936), a batch of 4 samples each with 64 visual and 64 response tokens, and
 do: teacher forward (no grad), student forward, CE + L_res + L_vis + L_rel, backward, AdamW step
 (projector + language model trainable, as in DFT). The naive side computes
 ``model(...).logits`` for both models and the KL / Gram losses from them, as the public LLaVA-KD
-code does. ``sft`` is the student-only CE step (no teacher: the memory floor a cached step aims at).
+code does. ``teacher_forward`` is the online step's teacher forward alone (what a cache saves), ``sft`` is the student-only CE step (no teacher: the memory floor a cached step aims at).
 ``cached_hidden`` / ``cached_topk64`` write the teacher's cache of the batch first (not timed), drop
 the teacher, and then each step reads the batch's rows from the memory-mapped cache (timed) and runs
 the same fused losses (hidden: exact) or the top-k objective (k = 64). Each side runs in a fresh
@@ -149,6 +149,18 @@ def worker(spec):
         teacher = None  # not in memory: the loss never reads it
     grad_bytes = sum(q.numel() * q.element_size() for q in params)
     losses = []
+    if spec["impl"] == "teacher_forward":  # what a cached step saves: the online step's teacher forward alone
+        from kdengine.model.forward import distill_forward, vision_features
+
+        def forward_only():
+            with torch.no_grad():
+                distill_forward(teacher, batch, vision_features=vision_features(student, batch["pixel_values"]))
+            losses.append(float("nan"))
+            return 0
+
+        out = measure_step(forward_only, warmup=1, repeats=spec["repeats"])
+        out["first_loss"] = losses[0]
+        return out
 
     def step():
         loss = loss_fn(teacher, student, batch, p)
@@ -167,7 +179,7 @@ def worker(spec):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--impls", default="naive,kdengine,sft,cached_hidden,cached_topk64",
+    ap.add_argument("--impls", default="naive,kdengine,teacher_forward,sft,cached_hidden,cached_topk64",
                     help="comma-separated sides to run (naive first: the ratios are against it)")
     ap.add_argument("--no-csv", action="store_true", help="print only (smoke runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
