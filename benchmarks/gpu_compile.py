@@ -11,7 +11,7 @@ launcher's own block sizes), its ``triton.heuristics`` are applied, and Triton's
 the values into the signature, constexprs and divisibility attributes it would compile at run time.
 Identical (kernel, signature, constexprs, attributes, target, options) compiles are done once.
 
-Per compile: registers (VGPRs on gfx942), shared memory (LDS), spill bytes (cuobjdump LOCAL; 4 x VGPR
+Per compile: registers (VGPRs on gfx942), shared memory (LDS), spill bytes (cuobjdump STACK + LOCAL; 4 x VGPR
 spills on gfx942), tensor-core instructions (HMMA / HGMMA in SASS, v_mfma in amdgcn), FFMA count,
 compile seconds. A failed compile is a row with the compiler's message; a backend the installed
 Triton lacks is a "skipped" row. The exit code is 1 when any compile failed or a discovered kernel
@@ -367,7 +367,7 @@ def _nvidia_bin(tool: str) -> str:
 
 
 def analyse_cubin(cubin: bytes) -> dict:
-    """Registers, spills (LOCAL bytes per thread), HMMA/HGMMA/FFMA counts of a cubin via cuobjdump."""
+    """Registers, spills (STACK + LOCAL bytes per thread), HMMA/HGMMA/FFMA counts of a cubin via cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -378,7 +378,10 @@ def analyse_cubin(cubin: bytes) -> dict:
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res))
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     hmma, hgmma = ops.count("HMMA"), ops.count("HGMMA")
-    return dict(registers=int(usage.get("REG", 0)), spill_bytes=int(usage.get("LOCAL", 0)),
+    # Spilled registers land in the ABI stack frame (STACK), not in LOCAL, which stays 0 for Triton
+    # cubins even when ptxas reports spill stores; count both.
+    spill = int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0))
+    return dict(registers=int(usage.get("REG", 0)), spill_bytes=spill,
                 stack=int(usage.get("STACK", 0)), tc_instr=hmma + hgmma,
                 tc_kind="+".join(k for k, n in (("HMMA", hmma), ("HGMMA", hgmma)) if n) or "-",
                 ffma=ops.count("FFMA"))
@@ -479,7 +482,7 @@ def write_tables(rows: list[dict], out_dir: Path, elapsed: float, n_jobs: int) -
     lines = ["# Ahead-of-time compile of kdengine.kernels (compiled, not run: no GPU)", "",
              f"Triton {rows[0]['triton'] if rows else '?'}, commit {rows[0]['commit'] if rows else '?'}; "
              f"{len(rows)} rows from {n_jobs} distinct compiles in {elapsed:.0f} s. "
-             "registers: per thread (VGPRs on gfx942); shared: bytes per block (LDS); spill: LOCAL bytes per "
+             "registers: per thread (VGPRs on gfx942); shared: bytes per block (LDS); spill: STACK + LOCAL bytes per "
              "thread (sm) or 4 x VGPR spills (gfx942; SGPR spills, to VGPR lanes, are named in the status); "
              "tc: HMMA (sm_80) / HGMMA (sm_90 wgmma) / "
              "v_mfma (gfx942) instructions in the binary (static count).", "",

@@ -35,9 +35,14 @@ NO_ID = 2**30  # sorted-id sentinel: padding and loads past K; larger than any c
 CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)
 
 
-def _blocks() -> tuple[int, int, int]:
-    """(BN, BV, BD): GPU blocks, and small ones under the CPU interpreter (its cost is per program)."""
-    return (16, 32, 16) if interpreting() else (64, 64, 32)
+def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BN, BV, BD): small blocks under the CPU interpreter (its cost is per program); on a GPU the
+    largest tiles that compile without register spills on sm_80 and sm_90 (benchmarks/gpu_compile.py):
+    16-bit tiles run on tensor cores, fp32's FFMA dots hold their operands in registers and take
+    narrower row blocks."""
+    if interpreting():
+        return (16, 32, 16)
+    return (16, 64, 32) if dtype == torch.float32 else (32, 64, 32)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -204,7 +209,7 @@ def topk_forward_stats(x, w, b, ids_sorted, labels, inv_t, tail, separate_ce):
     n, v, k = x.shape[0], w.shape[0], ids_sorted.shape[1]
     zk = torch.full((n, k), math.nan, device=x.device, dtype=torch.float32)
     out = [torch.zeros(n, device=x.device, dtype=torch.float32) for _ in range(6)]
-    BN, BV, BD = _blocks()
+    BN, BV, BD = _blocks(x.dtype)
     if n > 0:
         _topk_fwd_kernel[(triton.cdiv(n, BN),)](
             x, w, b if b is not None else x, ids_sorted, labels if labels is not None else ids_sorted, zk, *out,
@@ -223,7 +228,7 @@ def topk_dlogits(x, w, b, ids_sorted, w_sorted, labels, stats, a_div, coef_ce, i
     g = out[:, :width]
     tail = stats.m_out is not None
     dummy = stats.m
-    BN, BV, BD = _blocks()
+    BN, BV, BD = _blocks(x.dtype)
     _topk_bwd_kernel[(triton.cdiv(n, BN), triton.cdiv(width, BV))](
         x, w, b if b is not None else x, ids_sorted, w_sorted, labels if labels is not None else ids_sorted,
         stats.m, stats.ll, stats.m_out if tail else dummy, stats.ll_out if tail else dummy, stats.lse_c,
@@ -272,7 +277,7 @@ class TopkDivergenceTriton(torch.autograd.Function):
         dxs = torch.zeros(xs.shape, device=xs.device, dtype=torch.float32) if needs_dx else None
         dws = torch.zeros(ws.shape, device=ws.device, dtype=ws.dtype) if needs_dw else None
         dbs = torch.zeros(v, device=ws.device, dtype=ws.dtype) if needs_db else None
-        bv = _blocks()[1]
+        bv = _blocks(xs.dtype)[1]
         chunk = max(bv, min(v, (CHUNK_ELEMS // max(n, 1)) // bv * bv))
         buf = torch.empty(n, chunk, device=xs.device, dtype=torch.float32) if n > 0 else None
         xs32 = xs.float()

@@ -109,3 +109,39 @@ def test_failed_compile_is_a_row_with_the_message(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, message = proc.stdout.strip().splitlines()[-1].split(" | ", 1)
     assert status == "FAILED" and message, proc.stdout
+
+
+SPILLING_KERNEL = textwrap.dedent('''
+    import json, triton, triton.language as tl
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from benchmarks.gpu_compile import analyse_cubin
+
+    @triton.jit
+    def big_tile(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        o_m, o_n, o_k = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for i in range(4):
+            x = tl.load(a + o_m[:, None] * BK + o_k[None, :])
+            y = tl.load(b + o_k[:, None] * BN + o_n[None, :])
+            acc += tl.dot(x, y, input_precision="ieee")
+        tl.store(c + o_m[:, None] * BN + o_n[None, :], acc)
+
+    sig = {"a": "*fp32", "b": "*fp32", "c": "*fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+    src = ASTSource(fn=big_tile, signature=sig, constexprs={"BM": 128, "BN": 128, "BK": 64})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "num_stages": 2})
+    print(json.dumps(analyse_cubin(kernel.asm["cubin"])))
+''')
+
+
+def test_spill_probe_sees_a_spilling_kernel(tmp_path):
+    """The spill column can fail: a 128x128 fp32 accumulator in one warp spills, and the probe reports it."""
+    import json
+
+    script = tmp_path / "spilling_kernel.py"  # @triton.jit reads the kernel's source from its file
+    script.write_text(SPILLING_KERNEL)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert usage["spill_bytes"] > 1000, usage
