@@ -1,4 +1,5 @@
-"""Triton path of ``kdengine.losses.topk_divergence`` (the algebra: ``topk_divergence_torch.py``).
+"""Triton path of ``kdengine.losses.topk_divergence`` (the algebra: ``kdengine/losses/topk_divergence_torch.py``;
+the row epilogue both paths share: ``kdengine/losses/topk_rows.py``).
 
 Layers: ``_topk_fwd_kernel`` / ``_topk_bwd_kernel`` (@triton.jit, sharing ``_walk_support``)
 -> launchers ``topk_forward_stats`` / ``topk_dlogits`` -> ``TopkDivergenceTriton`` (autograd.Function).
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from kdengine.kernels import interpreting
 from kdengine.kernels.divergence_terms import _online, _tile_logits
-from kdengine.losses.topk_divergence_torch import PAD_ID, teacher_bins, topk_coefficients, topk_finish
+from kdengine.losses.topk_rows import PAD_ID, teacher_bins, topk_coefficients, topk_finish
 
 NO_ID = 2**30  # sorted-id sentinel: padding and loads past K; larger than any column
 CHUNK_ELEMS = 2**24  # backward dlogits buffer: at most this many fp32 elements (64 MB)

@@ -24,7 +24,7 @@ from kdengine.losses.checks import (
     resolve_impl,
 )
 from kdengine.losses.fused_linear_divergence import default_block_mb
-from kdengine.losses.topk_divergence_torch import PAD_ID
+from kdengine.losses.topk_rows import PAD_ID
 
 TAILS = ("renormalise", "tail")
 # teacher log-probabilities may exceed 0 by this much (rounding of log p ~ 0), and a row's top-k
