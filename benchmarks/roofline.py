@@ -53,7 +53,7 @@ GPUS = {
 # Liger-Kernel's published fused linear JSD benchmark, H100, N=8192, D=4096, V=128256, fwd+bwd.
 LIGER = dict(shape="liger", gpu="H100", liger_ms=60.7, liger_gb=11.1, torch_ms=213.0, torch_gb=68.9)
 # What each shape runs: (scenario label as in gpu_compile.scenarios, trainable student head)
-CASES = {"liger": ["jsd"], "llava_kd_1b": ["forward_kl+ce", "rdist"], "cpu_bench": ["forward_kl+ce"]}
+CASES = {"liger": ["jsd", "forward_kl+ce"], "llava_kd_1b": ["forward_kl+ce", "rdist"], "cpu_bench": ["forward_kl+ce"]}
 ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4}
 MM_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
 ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty"}  # no bytes written
