@@ -67,6 +67,20 @@ FLD_CONFIGS_FP32 = configs([
     ({"BN": 16, "BV": 32, "BD": 32}, 4, 3),
     ({"BN": 16, "BV": 32, "BD": 32}, 2, 3),
 ])
+# pass 1 (_fld_stats) holds three online softmaxes and spilled 8-16 bytes on sm_80 with BD = 64 at 3-4
+# stages (16-bit) and with BD = 32 (fp32) from the lists above: it takes its own lists, BD = 16
+FLD_STATS_CONFIGS = configs([
+    ({"BN": 64, "BV": 64, "BD": 16}, 4, 2),
+    ({"BN": 64, "BV": 64, "BD": 16}, 4, 3),
+    ({"BN": 64, "BV": 64, "BD": 16}, 4, 4),
+    ({"BN": 64, "BV": 64, "BD": 64}, 4, 2),
+])
+FLD_STATS_CONFIGS_FP32 = configs([  # the first two compile spill-free; the last two spill 8-16 bytes on sm_80
+    ({"BN": 16, "BV": 32, "BD": 16}, 4, 3),
+    ({"BN": 16, "BV": 16, "BD": 16}, 4, 3),
+    ({"BN": 32, "BV": 16, "BD": 16}, 4, 3),
+    ({"BN": 16, "BV": 16, "BD": 16}, 2, 3),
+])
 # tuning key: the reduction dims and V (tensor dtypes are appended by triton.autotune); the block
 # names only take part when a launch fixes them (see kernels/tuning.py)
 FLD_KEY = ["DS", "DT", "V", *BLOCK_NAMES]
@@ -75,10 +89,10 @@ SPLIT_COLS = 2048  # pass 1/2 vocabulary split per program on a GPU (a multiple 
 INTERPRET_SPLIT_COLS = 64  # under the interpreter: several splits even at test vocabularies
 
 
-def _tuned(fn):
+def _tuned(fn, lists=(FLD_CONFIGS, FLD_CONFIGS_FP32)):
     """(16-bit, fp32) autotuned launch objects of one kernel; launchers pick by the input dtype."""
     return tuple(triton.autotune(configs=c, key=FLD_KEY, prune_configs_by=fixed_or_tuned(BLOCK_NAMES))(fn)
-                 for c in (FLD_CONFIGS, FLD_CONFIGS_FP32))
+                 for c in lists)
 
 
 _BIAS_FLAGS = {"HAS_BS": lambda a: a["p_bs"] is not None, "HAS_BT": lambda a: a["p_bt"] is not None}
@@ -259,7 +273,7 @@ def _fld_dlogits(
     tl.store(p_g + o_g, g.to(p_g.dtype.element_ty), mask=m_n[:, None] & (o_v < v_stop)[None, :])
 
 
-_fld_stats_kernel, _fld_stats_kernel_fp32 = _tuned(_fld_stats)
+_fld_stats_kernel, _fld_stats_kernel_fp32 = _tuned(_fld_stats, (FLD_STATS_CONFIGS, FLD_STATS_CONFIGS_FP32))
 _fld_rows_kernel, _fld_rows_kernel_fp32 = _tuned(_fld_rows)
 _fld_dlogits_kernel, _fld_dlogits_kernel_fp32 = _tuned(_fld_dlogits)
 

@@ -42,7 +42,7 @@ GRAM_STATS_CONFIGS = configs([
     ({"BP": 32, "BD": 16}, 4, 3),
     ({"BP": 32, "BD": 16}, 4, 4),
     ({"BP": 64, "BD": 16}, 4, 3),
-    ({"BP": 64, "BD": 32}, 4, 2),
+    ({"BP": 64, "BD": 16}, 4, 2),  # BP=64 BD=32 spilled 8 bytes on sm_80 in fp32
 ])
 GRAM_GRAD_CONFIGS = configs([
     ({"BP": 32, "BD": 16, "BDM": 16}, 4, 3),

@@ -124,14 +124,16 @@ def test_float64_is_refused_with_a_clear_error():
 
 def test_configs_fit_the_launchers():
     """>= 4 tuned configs per dtype family, each BV dividing the vocabulary split."""
-    for table in (fk.FLD_CONFIGS, fk.FLD_CONFIGS_FP32):
+    for table in (fk.FLD_CONFIGS, fk.FLD_CONFIGS_FP32, fk.FLD_STATS_CONFIGS, fk.FLD_STATS_CONFIGS_FP32):
         assert len(table) >= 4
         for cfg in table:
             assert fk.SPLIT_COLS % cfg.kwargs["BV"] == 0, cfg
-    for kernel in (fk._fld_stats_kernel, fk._fld_rows_kernel, fk._fld_dlogits_kernel):
+    for kernel in (fk._fld_rows_kernel, fk._fld_dlogits_kernel):
         assert kernel.configs is fk.FLD_CONFIGS
-    for kernel in (fk._fld_stats_kernel_fp32, fk._fld_rows_kernel_fp32, fk._fld_dlogits_kernel_fp32):
+    for kernel in (fk._fld_rows_kernel_fp32, fk._fld_dlogits_kernel_fp32):
         assert kernel.configs is fk.FLD_CONFIGS_FP32
+    assert fk._fld_stats_kernel.configs is fk.FLD_STATS_CONFIGS
+    assert fk._fld_stats_kernel_fp32.configs is fk.FLD_STATS_CONFIGS_FP32
 
 
 def test_fixed_blocks_skip_tuning():
