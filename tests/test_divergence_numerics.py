@@ -152,6 +152,7 @@ def test_bias_is_not_ignored():
 @pytest.mark.parametrize("bad, match", [
     (dict(student_bias=torch.zeros(V - 1)), r"student_bias has shape \(1002,\); expected \[V\] = \(1003,\)"),
     (dict(teacher_bias=torch.zeros(V, 2)), r"teacher_bias has shape \(1003, 2\)"),
+    (dict(teacher_bias=torch.zeros(V - 1)), r"teacher_bias has shape \(1002,\); expected \[Vt\] = \(1003,\)"),
     (dict(student_bias=torch.zeros(V, dtype=torch.float64)), r"student_bias is torch.float64"),
     (dict(teacher_bias=torch.zeros(V, requires_grad=True)), r"teacher_bias \(1003,\) requires grad"),
 ])

@@ -83,12 +83,12 @@ def validate_divergence_args(student_hidden, student_weight, teacher_hidden, tea
                          f"teacher_weight {tuple(teacher_weight.shape)}")
     check_devices_dtypes_frozen_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight)
     dev = student_hidden.device
-    for name, b, rows in (("student_bias", student_bias, v), ("teacher_bias", teacher_bias, vt)):
+    for name, b, dim, rows in (("student_bias", student_bias, "V", v), ("teacher_bias", teacher_bias, "Vt", vt)):
         if b is None:
             continue
         if not isinstance(b, torch.Tensor) or b.shape != (rows,):
             shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-            raise ValueError(f"{name} has shape {shape}; expected [{'V' if rows == v else 'Vt'}] = ({rows},)")
+            raise ValueError(f"{name} has shape {shape}; expected [{dim}] = ({rows},)")
         if b.device != dev or b.dtype != student_hidden.dtype:
             raise ValueError(f"{name} is {b.dtype} on {b.device}; expected {student_hidden.dtype} on {dev}")
     if teacher_bias is not None and teacher_bias.requires_grad:
@@ -162,10 +162,9 @@ def fused_linear_divergence(
         default_block_mb() if block_mb is None else float(block_mb),
         default_cache_mb() if cache_mb is None else float(cache_mb))
     if impl == "reference":
-        out = fused_linear_divergence_reference(
+        return fused_linear_divergence_reference(
             student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, params.beta,
             params.temperature, weight, labels, ignore_index, reduction, student_bias, teacher_bias)
-        return out
     if impl == "torch":
         from kdengine.losses.fused_linear_divergence_torch import FusedLinearDivergenceFunction as function
     else:
