@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdengine.kernels import interpreting
+from kdengine.kernels.runtime import interpreting
 from kdengine.kernels.divergence_terms import _div_terms, _online, _tile_logits
 from kdengine.kernels.tuning import configs, fixed_or_tuned
 from kdengine.losses.divergences import DIVERGENCES, LOG_FLOOR, finish_rows, row_coefficients

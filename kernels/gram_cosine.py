@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdengine.kernels import interpreting
+from kdengine.kernels.runtime import interpreting
 from kdengine.kernels.tuning import configs, fixed_or_tuned
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdengine.kernels import interpreting
+from kdengine.kernels.runtime import interpreting
 from kdengine.kernels.divergence_terms import _online, _tile_logits
 from kdengine.losses.topk_rows import PAD_ID, teacher_bins, topk_coefficients, topk_finish
 

@@ -2,7 +2,7 @@
 
 Every kernel is wrapped in ``triton.autotune`` with ``prune_configs_by=fixed_or_tuned(NAMES)``. A
 launcher passes the block sizes itself only when they are fixed: under the CPU interpreter (small
-blocks; ``kdengine.kernels.interpreting()`` is read at call time) or when a caller asks for given
+blocks; ``kdengine.kernels.runtime.interpreting()`` is read at call time) or when a caller asks for given
 blocks. Then the pruner returns one empty config, so nothing is benchmarked, and the block names,
 which each kernel's tuning key lists, give that launch its own cache entry. On a GPU the launchers
 pass no block sizes and the autotuner times ``kernel.configs`` once per key (the tuning key plus

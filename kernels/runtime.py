@@ -1,4 +1,8 @@
-"""Triton kernels (imported as ``kdengine.kernels``).
+"""Runtime facts the Triton kernels read at call time.
+
+``kernels/`` imports as ``kdengine.kernels`` and has no ``__init__.py`` on purpose: the top-level folder
+is then at most a namespace portion, so Hugging Face's regular ``kernels`` package (which transformers
+imports) always wins ``import kernels``, also with the repository root as the working directory.
 
 Each file holds one op: ``_name_kernel`` (@triton.jit) -> launcher -> autograd.Function.
 The public entry points live in ``kdengine.losses`` and dispatch here with ``impl="triton"``.
