@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import gpu_compile as aot
+from kdengine.plan.live_bytes import TorchOps, nbytes as _nbytes
 
 # Datasheet peaks (dense). A100 SXM4 80GB, H100 SXM5.
 GPUS = {
@@ -55,77 +55,6 @@ LIGER = dict(shape="liger", gpu="H100", liger_ms=60.7, liger_gb=11.1, torch_ms=2
 # What each shape runs: (scenario label as in gpu_compile.scenarios, trainable student head)
 CASES = {"liger": ["jsd", "forward_kl+ce"], "llava_kd_1b": ["forward_kl+ce", "rdist"], "cpu_bench": ["forward_kl+ce"]}
 ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4}
-MM_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
-ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty"}  # no bytes written
-FILLS = {"zeros", "zeros_like", "full", "full_like", "ones_like", "fill", "zero", "new_zeros"}  # nothing read
-
-
-# ----------------------------------------------------------------------------------------------
-# torch ops and working memory: a dispatch mode over the meta run
-# ----------------------------------------------------------------------------------------------
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
-
-
-class TorchOps(TorchDispatchMode):
-    """Records (op, flops, bytes moved, dtype) of every non-view aten op and the live-bytes peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.peak = [], 0
-        self._storages = {}  # StorageImpl address -> [bytes, C++ weak refs of the tensors (views too) using it]
-
-    @property
-    def live(self) -> int:
-        """Bytes of the storages allocated under the mode that some tensor or view still uses."""
-        for key, (_, refs) in list(self._storages.items()):
-            refs[:] = [r for r in refs if not r.expired()]
-            if not refs:
-                del self._storages[key]
-        return sum(n for n, _ in self._storages.values())
-
-    def _track(self, t, new: bool):
-        key = t.untyped_storage()._cdata
-        if new and key not in self._storages:
-            self._storages[key] = [t.untyped_storage().nbytes(), []]
-        if key in self._storages:
-            self._storages[key][1].append(torch._C._WeakTensorRef(t))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        returns = func._schema.returns
-        in_place = name.endswith("_") or any(r.alias_info is not None and r.alias_info.is_write for r in returns)
-        if returns and all(r.alias_info is not None for r in returns) and not in_place:
-            for t in _tensors(out):  # a view: no traffic, no new memory, but it keeps its base alive
-                self._track(t, new=False)
-            return out
-        ins = list(_tensors(args)) + list(_tensors(kwargs or {}))
-        outs = list(_tensors(out))
-        flops, dtype = 0, outs[0].dtype if outs else None
-        if name.rstrip("_") in MM_OPS and outs:
-            mats = [t for t in _tensors(args) if t.dim() >= 2]  # (bias/acc,) mat1, mat2; not out=
-            flops = 2 * outs[0].numel() * (mats[-2].shape[-1] if len(mats) >= 2 else 0)
-            dtype = mats[-1].dtype if mats else dtype  # the operands' dtype picks the peak (out_dtype may be fp32)
-        writes = 0 if name in ALLOC_ONLY else sum(map(_nbytes, outs))
-        reads = 0 if name in FILLS else sum(map(_nbytes, ins))
-        self.ops.append((name, flops, reads + writes, str(dtype).replace("torch.", "")))
-        for t in outs:
-            self._track(t, new=not in_place)
-        if not in_place:
-            self.peak = max(self.peak, self.live)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------
