@@ -192,14 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a stage's step loop (loading, evaluating): one line, no traceback
+        if _is_main_rank():
+            print(f"kdengine {args.command}: interrupted (Ctrl-C); a training run continues with --resume "
+                  "from its last checkpoint", file=sys.stderr)
+        return 130
     except Exception as err:
         if args.command in ("train", "demo"):
             from kdengine.train.stop import Preempted
 
-            if isinstance(err, Preempted):  # SIGTERM: the checkpoint is written, a requeued --resume loses nothing
+            if isinstance(err, Preempted):  # the checkpoint is written, --resume loses nothing
                 if _is_main_rank():
                     print(f"kdengine {args.command}: {err}", file=sys.stderr)
-                return 0
+                return err.exit_code
         label = next((lab for t, lab in _user_errors(args.command).items() if isinstance(err, t)), None)
         if label is None:
             raise

@@ -29,7 +29,7 @@ def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = N
             for i, stage in enumerate(cfg.stages):
                 rows.append(run_stage(session, i, stage))
                 if i + 1 < len(cfg.stages) and session.stop.requested(session.dist.device):
-                    raise Preempted(f"SIGTERM: stopped after stage {stage.name!r} finished; --resume continues "
+                    raise Preempted(session.stop.signum, f"after stage {stage.name!r} finished; --resume continues "
                                     f"with stage {cfg.stages[i + 1].name!r}")
         if session.dist.is_main:
             with open(os.path.join(cfg.run.output_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -293,7 +293,7 @@ def _train_loop(session: Session, stage: StageConfig, parts: StageParts, start: 
                     path = save_checkpoint(engine, session.stage_dir(stage.name), step, state, dist,
                                            cfg.run.keep_checkpoints)
                     if stop:
-                        raise Preempted(f"SIGTERM: stopped after step {step}/{plan.total_steps} of stage "
+                        raise Preempted(session.stop.signum, f"after step {step}/{plan.total_steps} of stage "
                                         f"{stage.name!r} with checkpoint {path}; --resume continues from it")
     finally:
         progress.close()
