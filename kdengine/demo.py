@@ -127,7 +127,7 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
     out = cfg.run.output_dir
     if cfg.synth is None:
         raise ValueError(f"{config}: synth is null; the demo evaluates on the synthetic held-out questions")
-    train(cfg, resume=resume, changes=check_resume(cfg, resume))
+    stage_rows = train(cfg, resume=resume, changes=check_resume(cfg, resume))
     t_train = time.time() - t0
 
     data = cfg.synth.out
@@ -152,7 +152,10 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
             "unparsable": scores["unparsable"], "perplexity": diag.get("perplexity"),
             "kl_response": diag.get("kl_response"),
         })
-    results["seconds"] = {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}
+    # the stages' own seconds survive --resume (a resumed invocation's wall time counts only what it ran)
+    results["seconds"] = {"stages": round(sum(r.get("seconds") or 0.0 for r in stage_rows), 1),
+                          "train": round(t_train, 1), "total": round(time.time() - t0, 1), "resumed": resume}
+    results["measured"] = machine()
 
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -193,10 +196,32 @@ def format_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     budget = results["rows"][1]["steps"] if len(results["rows"]) > 1 else {}
     lines.append("")
+    sec, where = results.get("seconds", {}), results.get("measured", {})
+    time_note = (f"training {sec['stages']} s summed over its stages, this invocation {sec['total']} s"
+                 f"{' (resumed: it ran only what was left)' if sec.get('resumed') else ''}"
+                 if "stages" in sec else f"wall time {sec.get('total', '?')} s")
     lines.append(f"Seed {results['seed']}; {results.get('n_questions')} held-out questions; "
-                 f"every student: {', '.join(f'{v} steps on {k}' for k, v in budget.items())}; "
-                 f"wall time {results.get('seconds', {}).get('total', '?')} s.")
+                 f"every student: {', '.join(f'{v} steps on {k}' for k, v in budget.items())}; {time_note}"
+                 + (f"; measured {where['date']} on {where['cpu']}, {where['cores']} cores, "
+                    f"{where['torch_threads']} torch thread(s), torch {where['torch']}" if where else "") + ".")
+    lines.append("Float results differ across CPU types: the same seed on another machine gives other numbers.")
     return "\n".join(lines)
+
+
+def machine() -> dict:
+    """Where and when a result was measured: date, CPU model, cores, torch threads and version."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _pct(x) -> str:

@@ -102,6 +102,16 @@ def test_demo_smoke(tmp_path, capsys):
     assert res["rows"][0]["kl_response"] is None and res["rows"][1]["kl_response"] is not None
     assert res["rows"][1]["steps"] == res["rows"][2]["steps"] == {"pretrain": 4, "instruct": 4}
 
+    # the time and the machine are stated: training seconds summed over the stages, date, CPU, cores
+    import time as _time
+
+    sec, where = res["seconds"], res["measured"]
+    assert 0 < sec["stages"] <= sec["train"] <= sec["total"] and sec["resumed"] is False
+    assert where["date"] == _time.strftime("%Y-%m-%d") and where["cores"] == os.cpu_count() and where["cpu"]
+    note = (out / "results.md").read_text()
+    assert f"training {sec['stages']} s summed over its stages" in note and where["cpu"] in note
+    assert "Float results differ across CPU types" in note
+
     # results.png: a real PNG.
     pytest.importorskip("matplotlib")
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
