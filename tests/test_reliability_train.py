@@ -263,7 +263,7 @@ def test_deepspeed_compile_note_only_when_the_op_is_not_built(tmp_path, monkeypa
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     note = cpu_op_build_note()
-    assert note.startswith("compiling DeepSpeed's CPU op deepspeed_shm_comm, once, ~3 min")
+    assert note.startswith("compiling DeepSpeed's CPU op deepspeed_shm_comm, once, ~1-3 min")
     built = tmp_path / "deepspeed_shm_comm"
     built.mkdir(exist_ok=True)  # _get_build_directory made it
     (built / "deepspeed_shm_comm.so").write_bytes(b"")

@@ -90,7 +90,7 @@ def cpu_op_build_note() -> str | None:
         return None
     if os.path.isfile(os.path.join(build_dir, f"{builder.NAME}.so")):
         return None
-    return (f"compiling DeepSpeed's CPU op {builder.NAME}, once, ~3 min on 2 cores "
+    return (f"compiling DeepSpeed's CPU op {builder.NAME}, once, ~1-3 min on 2 cores "
             f"(cached in {build_dir}; later starts take seconds)")
 
 
