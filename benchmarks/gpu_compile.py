@@ -40,9 +40,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Shapes of issue 11. P (visual tokens per image) and B (images) only matter to RDist.
+# Shapes of issues 11 and 19. P (visual tokens per image) and B (images) only matter to RDist.
+# "liger" is Liger-Kernel's benchmark_distill_jsd_loss.py: student Linear(H // 2, V), teacher Linear(H, V),
+# H = 4096, BT = 8192; "square_4096" is the same N and V with both heads at D = 4096 (issue 19's D=4096 target).
 SHAPES = {
-    "liger": dict(n=8192, ds=4096, dt=4096, v=128256),
+    "liger": dict(n=8192, ds=2048, dt=4096, v=128256),
+    "square_4096": dict(n=8192, ds=4096, dt=4096, v=128256),
     "llava_kd_1b": dict(n=4096, ds=1024, dt=2560, v=151936, b=4, p=729),
     "cpu_bench": dict(n=512, ds=896, dt=1536, v=151936, b=2, p=729),
 }
