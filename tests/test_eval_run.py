@@ -247,7 +247,7 @@ def test_eval_input_errors_come_before_loading(synth, student_dir, tmp_path):
     q, a = synth["eval_questions"], synth["eval_answers"]
     with pytest.raises(ValueError, match=r"questions.jsonl:1: question 0 has an image but no image folder was given"):
         run_eval(student_dir, q, tmp_path / "a.jsonl", progress=False)
-    with pytest.raises(FileNotFoundError, match=r"model checkpoint .*nowhere: no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"model checkpoint not found: .*nowhere$"):
         run_eval(tmp_path / "nowhere", q, tmp_path / "a.jsonl")
     partial = tmp_path / "key.jsonl"
     partial.write_text(open(a).readline())
@@ -264,7 +264,7 @@ def test_eval_cli_reports_bad_input_in_one_line(synth, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "nowhere"), "--questions", synth["eval_questions"],
                  "--out", str(tmp_path / "a.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("kdengine eval: error: model checkpoint") and "no config.json" in err
+    assert code == 2 and err.startswith("kdengine eval: error: model checkpoint not found: ") and "nowhere" in err
     assert "Traceback" not in err and not (tmp_path / "a.jsonl").exists()
 
 

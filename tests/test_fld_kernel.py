@@ -17,6 +17,7 @@ from helpers import assert_close
 import kdengine.kernels.fused_linear_divergence as fk
 from kdengine.kernels.tuning import fixed_or_tuned
 from kdengine.losses import DIVERGENCES
+from kdengine.losses.divergences import BETA_DIVERGENCES
 from kdengine.losses.fused_linear_divergence import FusedLinearDivergenceParams
 from kdengine.losses.reference import fused_linear_divergence_reference
 
@@ -60,8 +61,11 @@ def run_triton(tensors, labels, params, dtype, weight=None):
 
 def run_reference(tensors, labels, params, dtype, weight=None):
     xs, ws, bs, xt, wt, bt = leaves(tensors, dtype)
-    out = fused_linear_divergence_reference(xs, ws, xt, wt, params.divergence, params.beta, params.temperature,
-                                            weight, labels, params.ignore_index, params.reduction, bs, bt)
+    beta = params.beta if params.divergence in BETA_DIVERGENCES else None  # the others take no beta
+    out = fused_linear_divergence_reference(
+        xs, ws, xt, wt, divergence=params.divergence, beta=beta, temperature=params.temperature, weight=weight,
+        labels=labels, ignore_index=params.ignore_index, reduction=params.reduction, student_bias=bs,
+        teacher_bias=bt)
     div, ce = out if labels is not None else (out, torch.zeros((), dtype=dtype))
     return backward_and_grads(div, ce, labels, xs, ws, bs)
 

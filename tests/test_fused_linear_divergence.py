@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close
 
 from kdengine.losses import DIVERGENCES, fused_linear_divergence
+from kdengine.losses.divergences import BETA_DIVERGENCES
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtyp
     xs, ws, xt, wt = [t.detach().to(dtype) for t in tensors]
     xs.requires_grad_(True)
     ws.requires_grad_(not frozen)
-    out = fused_linear_divergence(xs, ws, xt, wt, divergence=divergence, beta=case.beta,
+    beta = case.beta if divergence in BETA_DIVERGENCES else None  # the others take no beta
+    out = fused_linear_divergence(xs, ws, xt, wt, divergence=divergence, beta=beta,
                                   temperature=case.temperature, weight=weight, labels=labels,
                                   reduction=case.reduction, impl=impl)
     div, ce = out if labels is not None else (out, None)
@@ -284,6 +286,6 @@ def test_bad_input_raises_named_error(change, match):
         fused_linear_divergence(**args)
 
 
-def test_beta_outside_range_is_fine_for_forward_kl():
-    out = fused_linear_divergence(**_good(), divergence="forward_kl", beta=5.0)
-    assert torch.isfinite(out)
+def test_beta_with_forward_kl_is_an_error_not_ignored():
+    with pytest.raises(ValueError, match=r"beta=5.0 has no effect for divergence 'forward_kl'"):
+        fused_linear_divergence(**_good(), divergence="forward_kl", beta=5.0)

@@ -109,6 +109,7 @@ def _import(args) -> int:
     temperature = args.temperature if args.temperature is not None else settings.temperature
     dtype = args.dtype or settings.dtype or "float32"
 
+    _check_synth_written(cfg, stage)
     model, processor = load_model(cfg.models[stage.model], None, "cpu")  # for the tokenizer and the shapes
     n_img = num_image_tokens(model)
     context = model.config.text_config.max_position_embeddings
@@ -118,3 +119,32 @@ def _import(args) -> int:
                       fingerprint=fp, vocab_rows=model.get_output_embeddings().weight.shape[0], dtype=dtype,
                       shard_samples=settings.shard_samples)
     return 0
+
+
+def _check_synth_written(cfg, stage) -> None:
+    """Raise ConfigError if a path of the stage's model or data lies under ``synth.out`` and is not
+    written yet: ``kdengine train`` and ``kdengine teacher-cache CONFIG`` write the synthetic data
+    (tokenizer included) when they start; import does not, so its line gives the command that does."""
+    import os
+    import shlex
+
+    from kdengine.train.config import ConfigError
+
+    synth = cfg.synth
+    if synth is None or os.path.isfile(os.path.join(synth.out, "meta.json")):
+        return
+    spec, ds = cfg.models[stage.model], cfg.datasets[stage.data]
+    paths = [(f"models.{stage.model}.{attr}", getattr(spec, attr))
+             for attr in ("tokenizer", "path", "vision_tower", "language_model")]
+    paths += [(f"datasets.{stage.data}.path", p) for p in (ds.path if isinstance(ds.path, list) else [ds.path])]
+    paths.append((f"datasets.{stage.data}.image_folder", ds.image_folder))
+    root = os.path.abspath(synth.out) + os.sep
+    for key, path in paths:
+        if path and os.path.abspath(path).startswith(root) and not os.path.exists(path):
+            command = (f"kdengine data synth --out {shlex.quote(synth.out)} --seed {synth.seed} "
+                       f"--n-caption {synth.n_caption} --n-instruct {synth.n_instruct} --n-eval {synth.n_eval} "
+                       f"--image-size {synth.image_size} --vocab-size {synth.vocab_size} "
+                       f"--questions {synth.questions}")
+            raise ConfigError(f"{key} = {path!r} not found: it is part of the synthetic data (synth.out), which "
+                              f"kdengine train writes when it starts and teacher-cache import does not; "
+                              f"write it first with: {command}")

@@ -41,16 +41,17 @@ import torch
 from kdengine.losses import fused_linear_divergence
 
 
-def liger_divergence(beta: float) -> tuple[str, float]:
-    """Liger/TRL ``beta`` in [0, 1] -> (kdengine divergence, kdengine beta)."""
+def liger_divergence(beta: float) -> tuple[str, float | None]:
+    """Liger/TRL ``beta`` in [0, 1] -> (kdengine divergence, kdengine beta: None for forward_kl and
+    reverse_kl, which take none)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta={beta!r}; expected a number in [0, 1] (0 = forward KL, 1 = reverse KL, "
                          f"in between the generalised JSD)")
     beta = float(beta)
     if beta == 0.0:
-        return "forward_kl", 0.5
+        return "forward_kl", None
     if beta == 1.0:
-        return "reverse_kl", 0.5
+        return "reverse_kl", None
     return "jsd", beta
 
 

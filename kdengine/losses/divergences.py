@@ -31,8 +31,29 @@ import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 BETA_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl")
+DEFAULT_BETA = 0.5  # the mixing weight of BETA_DIVERGENCES when the caller gives none
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 MASKED_BELOW = -1e37  # a teacher log-probability at or below this is a masked vocabulary entry
+
+
+def resolve_beta(divergence: str, beta: float | None) -> float:
+    """The mixing weight ``divergence`` computes with: ``beta``, or DEFAULT_BETA for None.
+
+    Raises ValueError for a beta given to a divergence that has none (it would be ignored) and for one
+    outside (0, 1). ``divergence`` must already be one of DIVERGENCES.
+    """
+    if beta is None:
+        return DEFAULT_BETA
+    if divergence not in BETA_DIVERGENCES:
+        raise ValueError(f"beta={beta!r} has no effect for divergence {divergence!r}; pass beta only with "
+                         f"{', '.join(BETA_DIVERGENCES)}")
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(beta, (bool, str)) or not 0.0 < value < 1.0:
+        raise ValueError(f"beta={beta!r} for divergence={divergence!r}; expected 0 < beta < 1")
+    return value
 
 
 def teacher_log_ratio(t: torch.Tensor) -> torch.Tensor:

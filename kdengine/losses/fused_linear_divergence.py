@@ -25,7 +25,7 @@ from kdengine.losses.checks import (
     check_vector,
     resolve_impl,
 )
-from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES
+from kdengine.losses.divergences import DEFAULT_BETA, DIVERGENCES, resolve_beta
 from kdengine.losses.reference import fused_linear_divergence_reference
 
 DEFAULT_BLOCK_MB = 32.0
@@ -47,7 +47,7 @@ class FusedLinearDivergenceParams:
     """The non-tensor arguments of one call, passed to the autograd Functions as one value."""
 
     divergence: str = "forward_kl"
-    beta: float = 0.5
+    beta: float = DEFAULT_BETA  # resolved: read only by the divergences that mix
     temperature: float = 1.0
     ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
@@ -94,8 +94,7 @@ def validate_divergence_args(student_hidden, student_weight, teacher_hidden, tea
     if teacher_bias is not None and teacher_bias.requires_grad:
         raise ValueError(f"teacher_bias {tuple(teacher_bias.shape)} requires grad; the teacher must be frozen")
     check_choice("divergence", divergence, DIVERGENCES)
-    if divergence in BETA_DIVERGENCES and not (0.0 < float(beta) < 1.0):
-        raise ValueError(f"beta={beta} for divergence={divergence!r}; expected 0 < beta < 1")
+    resolve_beta(divergence, beta)
     if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
         raise ValueError(f"temperature={temperature}; expected a finite value > 0")
     check_choice("reduction", reduction, ROW_REDUCTIONS)
@@ -110,8 +109,9 @@ def fused_linear_divergence(
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
+    *,
     divergence: str = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
     weight: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -126,7 +126,8 @@ def fused_linear_divergence(
     """Divergence between teacher and student next-token distributions, logits never materialised.
 
     p = softmax((hidden @ weight^T + bias) / temperature) over the first min(V, Vt) vocabulary entries
-    (both renormalised there). No T^2 factor is applied.
+    (both renormalised there). No T^2 factor is applied. Every argument after the four tensors is
+    keyword-only.
 
     Args:
         student_hidden: [N, Ds] selected rows (visual and/or response positions).
@@ -137,7 +138,8 @@ def fused_linear_divergence(
             jsd = beta KL(p_t||m) + (1-beta) KL(p_s||m), m = beta p_t + (1-beta) p_s |
             skew_forward_kl = KL(p_t || beta p_t + (1-beta) p_s) |
             skew_reverse_kl = KL(p_s || beta p_s + (1-beta) p_t) | tvd = 0.5 sum |p_t - p_s|.
-        beta: mixing weight in (0, 1) for jsd and the skew divergences.
+        beta: mixing weight in (0, 1) of jsd and the skew divergences; None: 0.5. Given with
+            forward_kl, reverse_kl or tvd (which have none) it is a ValueError, not ignored.
         weight: optional [N] per-row weights (treated as constants), applied before reduction.
         labels: optional [N] targets; then the student's cross-entropy (temperature 1, full V) is
             computed in the same vocabulary pass and returned as the mean over rows != ignore_index
@@ -158,13 +160,14 @@ def fused_linear_divergence(
     if labels is not None:
         check_label_range(labels, ignore_index, student_weight.shape[0])
     params = FusedLinearDivergenceParams(
-        divergence, float(beta), float(temperature), ignore_index, reduction,
+        divergence, resolve_beta(divergence, beta), float(temperature), ignore_index, reduction,
         default_block_mb() if block_mb is None else float(block_mb),
         default_cache_mb() if cache_mb is None else float(cache_mb))
     if impl == "reference":
         return fused_linear_divergence_reference(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, params.beta,
-            params.temperature, weight, labels, ignore_index, reduction, student_bias, teacher_bias)
+            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+            temperature=params.temperature, weight=weight, labels=labels, ignore_index=ignore_index,
+            reduction=reduction, student_bias=student_bias, teacher_bias=teacher_bias)
     if impl == "torch":
         from kdengine.losses.fused_linear_divergence_torch import FusedLinearDivergenceFunction as function
     else:

@@ -104,11 +104,12 @@ def gram_cosine_loss(
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
+    *,
     mask: torch.Tensor | None = None,
     reduction: str = "batch",
     impl: str = "auto",
 ) -> torch.Tensor:
-    """RDist loss, a scalar.
+    """RDist loss, a scalar. Every argument after the four tensors is keyword-only.
 
     Args:
         student_hidden: [B, P, Ds] hidden states at visual positions.

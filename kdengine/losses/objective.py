@@ -48,7 +48,7 @@ class DistillSettings:
 
     divergence: str = "forward_kl"
     temperature: float = 1.0
-    beta: float = 0.5
+    beta: float | None = None  # jsd / skew_*: the mixing weight (None: 0.5); the other divergences have none
     rdist_reduction: str = "batch"
     impl: str = "auto"
     topk_tail: str = "renormalise"  # a top-k teacher cache's leftover mass: renormalise | tail (topk_divergence)
@@ -57,11 +57,15 @@ class DistillSettings:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence = {self.divergence!r}: expected one of {list(DIVERGENCES)}")
         _check_number("temperature", self.temperature)
-        _check_number("beta", self.beta)
         if not self.temperature > 0:
             raise ValueError(f"temperature = {self.temperature}: expected > 0")
-        if self.divergence in BETA_DIVERGENCES and not 0.0 < self.beta < 1.0:
-            raise ValueError(f"beta = {self.beta} for {self.divergence}: expected 0 < beta < 1")
+        if self.beta is not None:
+            if self.divergence not in BETA_DIVERGENCES:
+                raise ValueError(f"beta = {self.beta!r} has no effect for divergence {self.divergence!r}; set beta "
+                                 f"only with {', '.join(BETA_DIVERGENCES)} (or leave it out)")
+            _check_number("beta", self.beta)
+            if not 0.0 < self.beta < 1.0:
+                raise ValueError(f"beta = {self.beta} for {self.divergence}: expected 0 < beta < 1")
         if self.rdist_reduction not in GRAM_REDUCTIONS:
             raise ValueError(f"rdist_reduction = {self.rdist_reduction!r}: expected one of {list(GRAM_REDUCTIONS)}")
         if self.impl not in IMPLS:
@@ -76,7 +80,7 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} = {value!r}: expected a finite number")
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          chunk_rows: int = 1024) -> torch.Tensor:
     """Mean CE of hidden [N, D] @ weight[V, D]^T against labels [N] (ignore -100), logits [chunk, V]
     at a time with recomputation in backward (memory bounded by chunk_rows * V). 0 for no rows."""

@@ -12,7 +12,7 @@ import math
 import torch
 
 from kdengine.losses.checks import IGNORE_INDEX
-from kdengine.losses.divergences import DIVERGENCES, reduce_rows, teacher_log_ratio
+from kdengine.losses.divergences import DIVERGENCES, reduce_rows, resolve_beta, teacher_log_ratio
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,11 +31,15 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # fused_linear_divergence
 # ----------------------------------------------------------------------------------------------
 def fused_linear_divergence_reference(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, divergence="forward_kl", beta=0.5,
+    student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence="forward_kl", beta=None,
     temperature=1.0, weight=None, labels=None, ignore_index=IGNORE_INDEX, reduction="mean",
     student_bias=None, teacher_bias=None,
 ):
-    """Full [N, V] logits. Same contract as ``kdengine.losses.fused_linear_divergence``."""
+    """Full [N, V] logits. Same contract as ``kdengine.losses.fused_linear_divergence`` (options keyword-only,
+    beta None: 0.5 for the divergences that mix, a ValueError with the others)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
+    beta = resolve_beta(divergence, beta)
     vc = min(student_weight.shape[0], teacher_weight.shape[0])
     zs_full = linear_logits(student_hidden, student_weight, student_bias)
     zt = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vc)
@@ -122,11 +126,11 @@ def gram_grad_matmul_reference(a_s, h_s, a_t, h_t, coef_t, coef_s, m):
 # topk_divergence
 # ----------------------------------------------------------------------------------------------
 def topk_divergence_reference(
-    student_hidden, student_weight, teacher_ids, teacher_logprobs, temperature=1.0, tail="renormalise",
+    student_hidden, student_weight, teacher_ids, teacher_logprobs, *, temperature=1.0, tail="renormalise",
     weight=None, labels=None, ignore_index=IGNORE_INDEX, reduction="mean", student_bias=None,
 ):
     """Full [N, V] logits and an [N, V] support mask. Same contract as ``kdengine.losses.topk_divergence``
-    (whose docstring defines both tail policies); teacher id -1 is padding."""
+    (whose docstring defines both tail policies; options keyword-only); teacher id -1 is padding."""
     z = linear_logits(student_hidden, student_weight, student_bias)
     log_q = torch.log_softmax(z / temperature, dim=-1)
     pad = teacher_ids == -1

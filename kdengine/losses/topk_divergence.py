@@ -139,6 +139,7 @@ def topk_divergence(
     student_weight: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
+    *,
     temperature: float = 1.0,
     tail: str = "renormalise",
     weight: torch.Tensor | None = None,
@@ -163,6 +164,7 @@ def topk_divergence(
             p_tail = max(0, 1 - sum_k p_k), q_tail = 1 - sum_k q_k (streamed over the columns off S,
             no cancellation). The tail term is 0 when p_tail = 0 or S is the whole vocabulary.
     With K = V (the full sorted teacher distribution) both equal the exact forward KL. No T^2 factor.
+    Every argument after the four tensors is keyword-only.
 
     Args:
         student_hidden: [N, D] selected rows (visual and/or response positions).
@@ -199,8 +201,8 @@ def topk_divergence(
         from kdengine.losses.reference import topk_divergence_reference
 
         return topk_divergence_reference(student_hidden, student_weight, teacher_ids, teacher_logprobs,
-                                         params.temperature, tail, weight, labels, ignore_index, reduction,
-                                         student_bias)
+                                         temperature=params.temperature, tail=tail, weight=weight, labels=labels,
+                                         ignore_index=ignore_index, reduction=reduction, student_bias=student_bias)
     if impl == "torch":
         from kdengine.losses.topk_divergence_torch import TopkDivergenceFunction as function
     else:
