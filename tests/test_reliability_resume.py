@@ -71,3 +71,17 @@ def test_config_changes_keys_stages_by_name():
     old = {"run": {"seed": 0}, "stages": [{"name": "a", "lr": 1.0}, {"name": "b", "lr": 2.0}]}
     new = {"run": {"seed": 0}, "stages": [{"name": "b", "lr": 3.0}, {"name": "a", "lr": 1.0}]}
     assert config_changes(old, new) == [("stages", ["a", "b"], ["b", "a"]), ("stages.b.lr", 2.0, 3.0)]
+
+
+def test_a_run_saved_with_the_old_default_beta_still_resumes(run_dir):
+    """Before beta became divergence-specific every stage was saved with distill.beta: 0.5, also for
+    forward_kl (which ignored it); such a run resumes, and a real beta change of a jsd stage is still refused."""
+    path = f"{run_dir}/config.yaml"
+    tree = yaml.safe_load(open(path))
+    for st in tree["stages"]:
+        st["distill"]["beta"] = 0.5
+    tree["stages"][0]["distill"]["divergence"] = "jsd"  # teacher_pt: finished, now with a mixing divergence
+    yaml.safe_dump(tree, open(path, "w"), sort_keys=False)
+    assert _resume(run_dir, "stages.teacher_pt.distill.divergence=jsd") == []  # jsd saved 0.5 = unset (0.5)
+    with pytest.raises(ConfigError, match=r"stages\.teacher_pt\.distill\.beta = 0\.3, but stage 'teacher_pt'"):
+        _resume(run_dir, "stages.teacher_pt.distill.divergence=jsd", "stages.teacher_pt.distill.beta=0.3")

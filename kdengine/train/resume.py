@@ -19,6 +19,7 @@ import os
 
 import yaml
 
+from kdengine.losses.divergences import BETA_DIVERGENCES, DEFAULT_BETA
 from kdengine.train.checkpoint import finished_stage, latest_checkpoint
 from kdengine.train.config import ConfigError, TrainConfig
 
@@ -93,6 +94,20 @@ def check_resume(cfg: TrainConfig, resume: bool) -> list[dict]:
     return check_resume_changes(cfg) if resume else []
 
 
+def _effective_beta(tree: dict) -> dict:
+    """Each stage's beta as the loss uses it: None for a divergence without one, 0.5 for an unset one.
+    Runs saved before beta became divergence-specific wrote ``distill.beta: 0.5`` for every divergence;
+    compared this way they still resume, and so does a jsd stage saved with the old explicit default."""
+    for stage in tree.get("stages") or []:
+        distill = stage.get("distill") if isinstance(stage, dict) else None
+        if isinstance(distill, dict):
+            if distill.get("divergence") not in BETA_DIVERGENCES:
+                distill["beta"] = None
+            elif distill.get("beta") is None:
+                distill["beta"] = DEFAULT_BETA
+    return tree
+
+
 def check_resume_changes(cfg: TrainConfig) -> list[dict]:
     """Compare ``cfg`` with the run's config.yaml; raise ConfigError on a change a stage's state
     contradicts, return the applied changes as ``{"key", "old", "new"}`` dicts."""
@@ -100,8 +115,8 @@ def check_resume_changes(cfg: TrainConfig) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
-        old = yaml.safe_load(f) or {}
-    new = cfg.to_dict()
+        old = _effective_beta(yaml.safe_load(f) or {})
+    new = _effective_beta(cfg.to_dict())
     started = started_stages(cfg)
     synth_written = cfg.synth is not None and os.path.isfile(os.path.join(cfg.synth.out, "meta.json"))
     applied = []
