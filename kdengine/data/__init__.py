@@ -10,7 +10,7 @@ _EXPORTS = {
     "LlavaDataset": "dataset", "SkippedSample": "dataset", "build_dataset": "dataset",
     "expand_to_square": "images", "process_images": "images",
     "BadSample": "records", "BadSampleSummary": "records", "Record": "records", "Turn": "records",
-    "load_records": "records",
+    "check_image_file": "records", "load_records": "records", "precheck_records": "records",
     "LengthGroupedBatchSampler": "sampler",
     "synthesize": "synth",
     "IGNORE_INDEX": "templates", "TEMPLATES": "templates", "tokenize_record": "templates", "truncate": "templates",
