@@ -95,10 +95,11 @@ def _add_eval(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from kdengine.train.config import load_config
+
+    cfg = load_config(args.config, args.set)  # a ConfigError comes before torch, a model, a dataset or DeepSpeed
     from kdengine.train.resume import check_resume
 
-    cfg = load_config(args.config, args.set)  # a ConfigError comes before any model, dataset or DeepSpeed
-    changes = check_resume(cfg, args.resume)  # so do the run directory's and --resume's
+    changes = check_resume(cfg, args.resume)  # the run directory's and --resume's before any model too
     from kdengine.train.run import train
 
     train(cfg, resume=args.resume, changes=changes)
@@ -173,12 +174,14 @@ def _user_errors(command: str) -> dict[type[Exception], str]:
     """{exception type: label} of the bad input to ``command`` (a value, a file, a line, a sample) that
     `main` reports in one line with exit code 2; the messages name the value and what was expected."""
     if command in ("train", "demo"):
-        from kdengine.data.records import BadSample
-        from kdengine.train.config import ConfigError
-        from kdengine.cache.manifest import CacheError
-        from kdengine.train.batches import TrainInputError
-
-        return {ConfigError: "config error", BadSample: "error", TrainInputError: "error", CacheError: "error"}
+        # Only the modules already imported: an error of another cannot have been raised, and importing
+        # kdengine.train.batches (torch) would make a config error wait seconds for its one line.
+        errors = {("kdengine.train.config", "ConfigError"): "config error",
+                  ("kdengine.data.records", "BadSample"): "error",
+                  ("kdengine.train.batches", "TrainInputError"): "error",
+                  ("kdengine.cache.manifest", "CacheError"): "error"}
+        return {getattr(sys.modules[module], name): label for (module, name), label in errors.items()
+                if module in sys.modules}
     if command in ("data", "eval"):
         return {ValueError: "error", FileNotFoundError: "error"}
     return {}
@@ -198,10 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                   "from its last checkpoint", file=sys.stderr)
         return 130
     except Exception as err:
-        if args.command in ("train", "demo"):
-            from kdengine.train.stop import Preempted
-
-            if isinstance(err, Preempted):  # the checkpoint is written, --resume loses nothing
+        stop = sys.modules.get("kdengine.train.stop")  # not imported (torch): nothing was preempted
+        if args.command in ("train", "demo") and stop is not None:
+            if isinstance(err, stop.Preempted):  # the checkpoint is written, --resume loses nothing
                 if _is_main_rank():
                     print(f"kdengine {args.command}: {err}", file=sys.stderr)
                 return err.exit_code

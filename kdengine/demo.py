@@ -118,15 +118,15 @@ def run_demo(config: str | os.PathLike = DEFAULT_CONFIG, out: str = "runs/demo",
              ablation: bool = False, overrides: list[str] | tuple = (), resume: bool = False,
              eval_batch_size: int = 32, max_new_tokens: int = 8, verbose: bool = True) -> dict:
     """Train and evaluate every row, write results.{json,md,png} into ``out``; returns the results dict."""
+    t0 = time.time()
+    cfg, rows = demo_config(config, out, seed, ablation, overrides)  # a config error comes before torch
+    out = cfg.run.output_dir
+    if cfg.synth is None:
+        raise ValueError(f"{config}: synth is null; the demo evaluates on the synthetic held-out questions")
     from kdengine.eval.run import run_eval
     from kdengine.train.resume import check_resume
     from kdengine.train.run import train
 
-    t0 = time.time()
-    cfg, rows = demo_config(config, out, seed, ablation, overrides)
-    out = cfg.run.output_dir
-    if cfg.synth is None:
-        raise ValueError(f"{config}: synth is null; the demo evaluates on the synthetic held-out questions")
     stage_rows = train(cfg, resume=resume, changes=check_resume(cfg, resume))
     t_train = time.time() - t0
 

@@ -230,8 +230,11 @@ def test_lazily_decoded_images_are_counted_under_skip_and_one_line_under_error(d
         config = _small_config(folder, data_dir, engine, check_images=False, on_bad_sample=policy)
         _, _, rows = _small_dataset(data_dir, folder)
         gone = [rows[1], rows[6]]
-        for r in gone:
-            os.remove(folder / "images" / r["image"])
+        for r in gone:  # under error they do not decode (a missing file would stop the data precheck)
+            if policy == "skip":
+                os.remove(folder / "images" / r["image"])
+            else:
+                (folder / "images" / r["image"]).write_bytes(b"not an image")
         runs[policy] = (train(config), gone, str(folder / "run"))
 
     proc, gone, run_dir = runs["skip"]
@@ -247,12 +250,12 @@ def test_lazily_decoded_images_are_counted_under_skip_and_one_line_under_error(d
 
     proc_e, gone_e, _ = runs["error"]
     line = _one_line(proc_e.stderr, "kdengine train: error: bad sample id=")
-    assert proc_e.returncode == 2 and "[image_missing]" in line and any(repr(r["id"]) in line for r in gone_e)
+    assert proc_e.returncode == 2 and "[image_corrupt]" in line and any(repr(r["id"]) in line for r in gone_e)
     record("bad_inputs", f"{HERE}::test_lazily_decoded_images", [
         {"input": f"{len(gone)} images missing at training time (check_images: false)", "policy": "on_bad_sample: skip",
          "what it gets": f"exit 0; metrics.jsonl skipped: {sum(r['skipped'] for r in recs)} with their ids; "
                          f"summary skipped: {row['skipped']}"},
-        {"input": "an image missing at training time (check_images: false, num_workers: 1)",
+        {"input": "an image that does not decode at training time (check_images: false, num_workers: 1)",
          "policy": "on_bad_sample: error",
          "what it gets": f"exit {proc_e.returncode}, one line: {line}"},
     ], strip=tmp_path)

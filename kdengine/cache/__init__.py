@@ -7,8 +7,8 @@
 
     from kdengine.cache import CacheSettings, write_teacher_cache, TeacherCacheReader, import_topk_jsonl
 
-Names load on first use (PEP 562), so ``kdengine.cache.commands`` (the CLI's argparse part) imports
-without torch.
+Names load on first use (PEP 562), so ``kdengine.cache.commands`` (the CLI's argparse part) and
+``kdengine.cache.settings`` (what a training config checks) import without torch.
 """
 
 import importlib
@@ -20,7 +20,7 @@ _EXPORTS = {
     "gram_cosine_from_teacher_gram": "objective", "topk_kd_loss": "objective",
     "CachedCollator": "reader", "CachedTeacher": "reader", "IndexedDataset": "reader",
     "TeacherCacheReader": "reader", "TopKTargets": "reader",
-    "CacheSettings": "writer", "CacheWriter": "writer", "write_teacher_cache": "writer",
+    "CacheSettings": "settings", "CacheWriter": "writer", "write_teacher_cache": "writer",
 }
 __all__ = sorted(_EXPORTS)
 

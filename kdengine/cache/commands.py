@@ -61,15 +61,16 @@ def _find_stage(cfg, name: str):
 def _write(args) -> int:
     import os
 
-    from kdengine.cache.stage import CACHE_KIND, run_cache_stage
-    from kdengine.train.checkpoint import finished_stage, model_dir
-    from kdengine.train.config import ConfigError, load_config
-    from kdengine.train.session import close_session, open_session
+    from kdengine.train.config import CACHE_KIND, ConfigError, load_config
 
-    cfg = load_config(args.target, args.set)
+    cfg = load_config(args.target, args.set)  # a config error comes before torch
     index, stage = _find_stage(cfg, args.stage)
     if stage.kind != CACHE_KIND:
         raise ConfigError(f"--stage {args.stage!r} is a {stage.kind!r} stage; expected a {CACHE_KIND} stage")
+    from kdengine.cache.stage import run_cache_stage
+    from kdengine.train.checkpoint import finished_stage, model_dir
+    from kdengine.train.session import close_session, open_session
+
     session = open_session(cfg, resume=True)
     try:
         for st in cfg.stages[:index]:  # the weights the earlier, finished stages left
@@ -89,20 +90,21 @@ def _write(args) -> int:
 
 
 def _import(args) -> int:
-    from kdengine.cache.importer import import_topk_jsonl
-    from kdengine.cache.stage import CACHE_KIND, cache_dir, stage_fingerprint
-    from kdengine.cache.writer import CacheSettings
-    from kdengine.model import num_image_tokens
-    from kdengine.train.batches import build_stage_dataset
-    from kdengine.train.config import ConfigError, load_config
-    from kdengine.train.stage_models import load_model
+    from kdengine.cache.settings import CacheSettings
+    from kdengine.train.config import CACHE_KIND, ConfigError, load_config
 
     if args.file is None or args.config is None or args.teacher_name is None:
         raise ConfigError("teacher-cache import needs FILE.jsonl, --config CONFIG, --stage NAME and --teacher-name")
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # a config error comes before torch
     _, stage = _find_stage(cfg, args.stage)
     if not getattr(stage, "teacher_cache", None):
         raise ConfigError(f"--stage {args.stage!r} reads no teacher cache; expected a dpt/dft stage with teacher_cache")
+    from kdengine.cache.importer import import_topk_jsonl
+    from kdengine.cache.stage import cache_dir, stage_fingerprint
+    from kdengine.model import num_image_tokens
+    from kdengine.train.batches import build_stage_dataset
+    from kdengine.train.stage_models import load_model
+
     source = next((st for st in cfg.stages if st.kind == CACHE_KIND and st.name == stage.teacher_cache), None)
     settings = source.cache if source is not None else CacheSettings(mode="topk")
     k = args.k or settings.k

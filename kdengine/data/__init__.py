@@ -1,33 +1,25 @@
-"""LLaVA-format data: records, templates, collator, synthetic scenes and tokenizer."""
+"""LLaVA-format data: records, templates, collator, synthetic scenes and tokenizer.
 
-from .collator import LlavaCollator
-from .dataset import LlavaDataset, SkippedSample, build_dataset
-from .images import expand_to_square, process_images
-from .records import BadSample, BadSampleSummary, Record, Turn, load_records
-from .sampler import LengthGroupedBatchSampler
-from .synth import synthesize
-from .templates import IGNORE_INDEX, TEMPLATES, tokenize_record, truncate
-from .tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, train_tokenizer
+Names load on first use (PEP 562), so the records, templates and synthetic data import without torch.
+"""
 
-__all__ = [
-    "BadSample",
-    "BadSampleSummary",
-    "CHATML_TEMPLATE",
-    "IGNORE_INDEX",
-    "IMAGE_TOKEN",
-    "LengthGroupedBatchSampler",
-    "LlavaCollator",
-    "LlavaDataset",
-    "Record",
-    "SkippedSample",
-    "TEMPLATES",
-    "Turn",
-    "build_dataset",
-    "expand_to_square",
-    "load_records",
-    "process_images",
-    "synthesize",
-    "tokenize_record",
-    "train_tokenizer",
-    "truncate",
-]
+import importlib
+
+_EXPORTS = {
+    "LlavaCollator": "collator",
+    "LlavaDataset": "dataset", "SkippedSample": "dataset", "build_dataset": "dataset",
+    "expand_to_square": "images", "process_images": "images",
+    "BadSample": "records", "BadSampleSummary": "records", "Record": "records", "Turn": "records",
+    "check_image_file": "records", "load_records": "records", "precheck_records": "records",
+    "LengthGroupedBatchSampler": "sampler",
+    "synthesize": "synth",
+    "IGNORE_INDEX": "templates", "TEMPLATES": "templates", "tokenize_record": "templates", "truncate": "templates",
+    "CHATML_TEMPLATE": "tokenizer", "IMAGE_TOKEN": "tokenizer", "train_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdengine.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdengine.data.{_EXPORTS[name]}"), name)

@@ -14,18 +14,22 @@ list of records; a ``.jsonl`` file one record per line (blank lines allowed).
 Every problem is a :class:`BadSample` naming the record id, the file and the line
 (JSONL) or list index (JSON). With ``on_bad_sample="error"`` it is raised; with
 ``"skip"`` the record is dropped and counted by reason in a :class:`BadSampleSummary`.
+`precheck_records` runs the cheap checks (records, image files present) without decoding an image,
+so a training run can check the data of all its stages before the first one trains.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from .tokenizer import IMAGE_TOKEN
+
 ON_BAD_SAMPLE = ("error", "skip")
 
 # Reasons a sample can be rejected; the summary counts by these names.
@@ -44,19 +48,26 @@ REASONS = (
 
 
 class BadSample(ValueError):
-    """A rejected sample; ``reason`` is one of :data:`REASONS`."""
+    """A rejected sample; ``reason`` is one of :data:`REASONS`. ``context``, if given, leads the
+    message: what reads the sample (e.g. ``datasets.instruct (stage sft)``)."""
 
-    def __init__(self, reason: str, message: str, sample_id=None, where: str = ""):
+    def __init__(self, reason: str, message: str, sample_id=None, where: str = "", context: str = ""):
         if reason not in REASONS:
             raise ValueError(f"unknown bad-sample reason {reason!r}: expected one of {REASONS}")
         self.reason = reason
         self.message = message
         self.sample_id = sample_id
         self.where = where
-        super().__init__(f"bad sample id={sample_id!r} at {where or '<unknown>'} [{reason}]: {message}")
+        self.context = context
+        lead = f"{context}: " if context else ""
+        super().__init__(f"{lead}bad sample id={sample_id!r} at {where or '<unknown>'} [{reason}]: {message}")
+
+    def within(self, context: str) -> BadSample:
+        """The same bad sample, its message led by ``context``."""
+        return BadSample(self.reason, self.message, self.sample_id, self.where, context)
 
     def __reduce__(self):  # picklable: DataLoader workers send skipped samples to the main process
-        return BadSample, (self.reason, self.message, self.sample_id, self.where)
+        return BadSample, (self.reason, self.message, self.sample_id, self.where, self.context)
 
 
 @dataclass
@@ -325,6 +336,26 @@ def open_image(path: str, sample_id=None, where: str = "") -> Image.Image:
         raise BadSample("image_corrupt", f"cannot decode image {path}: {e}", sample_id, where) from None
 
 
+def check_image_file(path: str, sample_id=None, where: str = "") -> None:
+    """The cheap image check, no decode (one ``stat``): ``path`` is a non-empty file. Raises
+    :class:`BadSample`: ``image_missing``, ``image_unreadable`` (not a file, or no access to it),
+    ``image_corrupt`` (0 bytes)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadSample("image_missing", f"image file not found: {path}", sample_id, where) from None
+    except OSError as e:
+        raise BadSample("image_unreadable", f"cannot read image {path}: {e}", sample_id, where) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadSample("image_unreadable", f"cannot read image {path}: not a file", sample_id, where)
+    if st.st_size == 0:
+        raise BadSample("image_corrupt", f"image file is empty (0 bytes): {path}", sample_id, where)
+
+
+def _decode_image(path: str, sample_id=None, where: str = "") -> None:
+    open_image(path, sample_id, where).close()
+
+
 def load_records(
     paths: str | os.PathLike | list,
     image_folder: str | os.PathLike | None = None,
@@ -346,6 +377,23 @@ def load_records(
     Returns:
         (records, summary).
     """
+    return _load(paths, image_folder, on_bad_sample, _decode_image if check_images else None, summary)
+
+
+def precheck_records(
+    paths: str | os.PathLike | list,
+    image_folder: str | os.PathLike | None = None,
+    on_bad_sample: str = "error",
+) -> BadSampleSummary:
+    """What can be checked cheaply before any training: every record parses and validates (as in
+    `load_records`) and every image file it names is present and not empty (`check_image_file`; no
+    decode). Under ``on_bad_sample="error"`` the first bad record raises; under "skip" it is counted
+    in the returned summary."""
+    return _load(paths, image_folder, on_bad_sample, check_image_file, None)[1]
+
+
+def _load(paths, image_folder, on_bad_sample: str, check_image, summary: BadSampleSummary | None):
+    """`load_records` with ``check_image(path, id, where)`` run on every image path (None: no image I/O)."""
     check_on_bad_sample(on_bad_sample)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -366,9 +414,9 @@ def load_records(
                 if isinstance(raw, BadSample):
                     raise raw
                 rec = parse_record(raw, where, folder)
-                if check_images:
+                if check_image is not None:
                     for p in rec.images:
-                        open_image(p, rec.id, where).close()
+                        check_image(p, rec.id, where)
             except BadSample as err:
                 if on_bad_sample == "error":
                     raise

@@ -4,44 +4,25 @@ distillation diagnostics (perplexity, KL to the teacher) through the fused losse
     from kdengine.eval import run_eval
     metrics = run_eval("ckpt/", "eval/questions.jsonl", "out/answers.jsonl",
                        images="images/", answers="eval/answers.jsonl", teacher="teacher/")
+
+Names load on first use (PEP 562), so ``kdengine.eval.checkpoint_files`` imports without torch.
 """
 
-from kdengine.eval.diagnostics import distill_diagnostics, heldout_records
-from kdengine.eval.generate import Question, generate_answers, load_questions, prompt_ids, stop_token_ids
-from kdengine.eval.run import format_table, run_eval
-from kdengine.eval.scoring import (
-    QUESTION_TYPES,
-    KeyEntry,
-    extract_choice,
-    load_answer_key,
-    normalize_answer,
-    parse_options,
-    parse_yesno,
-    score_answers,
-    score_exact,
-    score_mc,
-    score_yesno,
-)
+import importlib
 
-__all__ = [
-    "QUESTION_TYPES",
-    "KeyEntry",
-    "Question",
-    "distill_diagnostics",
-    "extract_choice",
-    "format_table",
-    "generate_answers",
-    "heldout_records",
-    "load_answer_key",
-    "load_questions",
-    "normalize_answer",
-    "parse_options",
-    "parse_yesno",
-    "prompt_ids",
-    "run_eval",
-    "score_answers",
-    "score_exact",
-    "score_mc",
-    "score_yesno",
-    "stop_token_ids",
-]
+_EXPORTS = {
+    "distill_diagnostics": "diagnostics", "heldout_records": "diagnostics",
+    "Question": "generate", "generate_answers": "generate", "load_questions": "generate", "prompt_ids": "generate",
+    "stop_token_ids": "generate",
+    "format_table": "run", "run_eval": "run",
+    "QUESTION_TYPES": "scoring", "KeyEntry": "scoring", "extract_choice": "scoring", "load_answer_key": "scoring",
+    "normalize_answer": "scoring", "parse_options": "scoring", "parse_yesno": "scoring", "score_answers": "scoring",
+    "score_exact": "scoring", "score_mc": "scoring", "score_yesno": "scoring",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdengine.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdengine.eval.{_EXPORTS[name]}"), name)

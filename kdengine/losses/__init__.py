@@ -7,23 +7,40 @@ Each op is laid out the same way: ``<op>.py`` (public function, argument checks,
 ``impl=`` dispatch), ``<op>_torch.py`` (bounded-memory torch path), ``kdengine/kernels/<op>.py``
 (Triton path), and its materialising reference in ``reference.py``. ``checks.py`` and
 ``divergences.py`` are leaves shared by all of them.
+
+Names load on first use (PEP 562), so ``kdengine.losses.settings`` (the objective's settings, which
+a training config checks) imports without torch.
 """
 
-from kdengine.losses.divergences import DIVERGENCES
-from kdengine.losses.fused_linear_divergence import fused_linear_divergence
-from kdengine.losses.reference import fused_linear_divergence_reference
-from kdengine.losses.gram_cosine import gram_cosine_loss
-from kdengine.losses.objective import DistillSettings, LossWeights, linear_cross_entropy, llava_kd_loss
-from kdengine.losses.topk_divergence import topk_divergence
+import importlib
+import sys
+import types
 
-__all__ = [
-    "DIVERGENCES",
-    "DistillSettings",
-    "LossWeights",
-    "fused_linear_divergence",
-    "fused_linear_divergence_reference",
-    "gram_cosine_loss",
-    "linear_cross_entropy",
-    "llava_kd_loss",
-    "topk_divergence",
-]
+_EXPORTS = {
+    "DIVERGENCES": "settings", "DistillSettings": "settings", "LossWeights": "settings",
+    "fused_linear_divergence": "fused_linear_divergence",
+    "fused_linear_divergence_reference": "reference",
+    "gram_cosine_loss": "gram_cosine",
+    "linear_cross_entropy": "objective", "llava_kd_loss": "objective",
+    "topk_divergence": "topk_divergence",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdengine.losses' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdengine.losses.{_EXPORTS[name]}"), name)
+
+
+class _Package(types.ModuleType):
+    """Loading a submodule binds it onto its package; ``fused_linear_divergence`` and ``topk_divergence``
+    are both a submodule and the function it exports, and the package attribute stays the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,19 +1,19 @@
 """Names and checks shared by every loss op: the ``impl=`` dispatch point, argument validation.
 
-A leaf module: it imports nothing from the rest of kdengine, so the API files, the torch paths
-and the Triton launchers can all use it without cycles.
+A leaf module: it imports nothing from the rest of kdengine but the torch-free names of
+``settings.py``, so the API files, the torch paths and the Triton launchers can all use it
+without cycles.
 """
 
 from __future__ import annotations
 
 import torch
 
-IMPLS = ("auto", "triton", "torch", "reference")
+from kdengine.losses.settings import GRAM_REDUCTIONS, IMPLS  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = -100
 # ``reduction=`` of the per-row losses (fused_linear_divergence, topk_divergence)
 ROW_REDUCTIONS = ("none", "sum", "mean")
-# ``reduction=`` of RDist (gram_cosine_loss)
-GRAM_REDUCTIONS = ("batch", "sample")
 # Terms of the LLaVA-KD objective, in display order (llava_kd_loss returns a subset of them)
 LOSS_TERMS = ("loss", "ce", "res", "vis", "rel")
 

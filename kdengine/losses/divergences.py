@@ -29,9 +29,8 @@ import math
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-BETA_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl")
-DEFAULT_BETA = 0.5  # the mixing weight of BETA_DIVERGENCES when the caller gives none
+from kdengine.losses.settings import BETA_DIVERGENCES, DEFAULT_BETA, DIVERGENCES  # noqa: F401 (re-exported)
+
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 MASKED_BELOW = -1e37  # a teacher log-probability at or below this is a masked vocabulary entry
 

@@ -9,75 +9,13 @@ from the same vocabulary pass; neither model ever produces [tokens, V] logits.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kdengine.losses.checks import GRAM_REDUCTIONS, IGNORE_INDEX, IMPLS
-from kdengine.losses.divergences import BETA_DIVERGENCES, DIVERGENCES
+from kdengine.losses.checks import IGNORE_INDEX
 from kdengine.losses.fused_linear_divergence import fused_linear_divergence
 from kdengine.losses.gram_cosine import gram_cosine_loss
-from kdengine.losses.topk_divergence import TAILS as TOPK_TAILS
-
-
-@dataclass
-class LossWeights:
-    """Weights of the objective's terms (paper defaults: alpha=1, beta=1, gamma=0.5)."""
-
-    ce: float = 1.0
-    res: float = 1.0
-    vis: float = 1.0
-    rel: float = 0.5
-
-    def __post_init__(self):
-        for name in ("ce", "res", "vis", "rel"):
-            _check_number(name, getattr(self, name))
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} = {getattr(self, name)}: expected weights >= 0")
-
-    @property
-    def distills(self) -> bool:
-        return any(w != 0 for w in (self.res, self.vis, self.rel))
-
-
-@dataclass
-class DistillSettings:
-    """Divergence settings of the distilled terms, checked once here (the config and the losses rely on it)."""
-
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    beta: float | None = None  # jsd / skew_*: the mixing weight (None: 0.5); the other divergences have none
-    rdist_reduction: str = "batch"
-    impl: str = "auto"
-    topk_tail: str = "renormalise"  # a top-k teacher cache's leftover mass: renormalise | tail (topk_divergence)
-
-    def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence = {self.divergence!r}: expected one of {list(DIVERGENCES)}")
-        _check_number("temperature", self.temperature)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature = {self.temperature}: expected > 0")
-        if self.beta is not None:
-            if self.divergence not in BETA_DIVERGENCES:
-                raise ValueError(f"beta = {self.beta!r} has no effect for divergence {self.divergence!r}; set beta "
-                                 f"only with {', '.join(BETA_DIVERGENCES)} (or leave it out)")
-            _check_number("beta", self.beta)
-            if not 0.0 < self.beta < 1.0:
-                raise ValueError(f"beta = {self.beta} for {self.divergence}: expected 0 < beta < 1")
-        if self.rdist_reduction not in GRAM_REDUCTIONS:
-            raise ValueError(f"rdist_reduction = {self.rdist_reduction!r}: expected one of {list(GRAM_REDUCTIONS)}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl = {self.impl!r}: expected one of {list(IMPLS)}")
-        if self.topk_tail not in TOPK_TAILS:
-            raise ValueError(f"topk_tail = {self.topk_tail!r}: expected one of {list(TOPK_TAILS)}")
-
-
-def _check_number(name: str, value) -> None:
-    """A finite int or float (not a bool), else ValueError in the config's ``key = value: expected`` form."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} = {value!r}: expected a finite number")
+from kdengine.losses.settings import DistillSettings, LossWeights  # torch-free, for the config
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -24,9 +24,9 @@ from kdengine.losses.checks import (
     resolve_impl,
 )
 from kdengine.losses.fused_linear_divergence import default_block_mb
+from kdengine.losses.settings import TOPK_TAILS as TAILS
 from kdengine.losses.topk_rows import PAD_ID
 
-TAILS = ("renormalise", "tail")
 # teacher log-probabilities may exceed 0 by this much (rounding of log p ~ 0), and a row's top-k
 # mass sum_k p_k may exceed 1 by MASS_SLACK (fp16 rounding of K entries); more is a caller error
 LOGPROB_SLACK = 1e-3

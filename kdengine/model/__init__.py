@@ -1,57 +1,25 @@
-"""LLaVA model assembly: build, choose trainable components, and hidden-state forward for distillation."""
+"""LLaVA model assembly: build, choose trainable components, and hidden-state forward for distillation.
 
-from kdengine.model.build import (
-    TINY_STUDENT,
-    TINY_TEACHER,
-    ModelSpec,
-    Runtime,
-    TinySpec,
-    build_model,
-    build_tiny,
-    compose_llava,
-    load_llava,
-    num_image_tokens,
-    resolve_runtime,
-    tiny_spec,
-)
-from kdengine.model.forward import (
-    DistillOutputs,
-    check_compatible,
-    check_tokenizers,
-    distill_forward,
-    same_vision_tower,
-    vision_features,
-)
-from kdengine.model.freeze import (
-    COMPONENTS,
-    component_modules,
-    format_param_summary,
-    param_summary,
-    set_trainable,
-)
+Names load on first use (PEP 562), so ``kdengine.model.spec`` (the specs a training config checks)
+imports without torch or transformers.
+"""
 
-__all__ = [
-    "COMPONENTS",
-    "DistillOutputs",
-    "ModelSpec",
-    "Runtime",
-    "TINY_STUDENT",
-    "TINY_TEACHER",
-    "TinySpec",
-    "build_model",
-    "build_tiny",
-    "check_compatible",
-    "check_tokenizers",
-    "component_modules",
-    "compose_llava",
-    "distill_forward",
-    "format_param_summary",
-    "load_llava",
-    "num_image_tokens",
-    "param_summary",
-    "resolve_runtime",
-    "same_vision_tower",
-    "set_trainable",
-    "tiny_spec",
-    "vision_features",
-]
+import importlib
+
+_EXPORTS = {
+    "COMPONENTS": "spec", "ModelSpec": "spec", "TINY_STUDENT": "spec", "TINY_TEACHER": "spec", "TinySpec": "spec",
+    "tiny_spec": "spec",
+    "Runtime": "build", "build_model": "build", "build_tiny": "build", "compose_llava": "build",
+    "load_llava": "build", "num_image_tokens": "build", "resolve_runtime": "build",
+    "DistillOutputs": "forward", "check_compatible": "forward", "check_tokenizers": "forward",
+    "distill_forward": "forward", "same_vision_tower": "forward", "vision_features": "forward",
+    "component_modules": "freeze", "format_param_summary": "freeze", "param_summary": "freeze",
+    "set_trainable": "freeze",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdengine.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdengine.model.{_EXPORTS[name]}"), name)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from kdengine.model.spec import COMPONENTS
+
 __all__ = [
     "COMPONENTS",
     "component_modules",
@@ -18,8 +20,6 @@ __all__ = [
     "param_summary",
     "set_trainable",
 ]
-
-COMPONENTS = ("vision_tower", "projector", "language_model")
 
 
 def component_modules(model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:

@@ -40,12 +40,12 @@ from typing import Any, Literal
 
 import yaml
 
-from kdengine.cache.writer import CacheSettings
+# Plain-Python modules only: a config loads and is checked before torch, transformers or DeepSpeed is imported.
+from kdengine.cache.settings import CacheSettings
 from kdengine.data.synth import QUESTION_SETS
 from kdengine.eval.checkpoint_files import check_checkpoint_dir
-from kdengine.losses.objective import DistillSettings, LossWeights
-from kdengine.model.build import TINY_STUDENT, TINY_TEACHER, ModelSpec
-from kdengine.model.freeze import COMPONENTS
+from kdengine.losses.settings import DistillSettings, LossWeights
+from kdengine.model.spec import COMPONENTS, TINY_STUDENT, TINY_TEACHER, ModelSpec
 
 __all__ = [
     "ConfigError",

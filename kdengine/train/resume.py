@@ -19,7 +19,7 @@ import os
 
 import yaml
 
-from kdengine.losses.divergences import BETA_DIVERGENCES, DEFAULT_BETA
+from kdengine.losses.settings import BETA_DIVERGENCES, DEFAULT_BETA
 from kdengine.train.checkpoint import finished_stage, latest_checkpoint
 from kdengine.train.config import ConfigError, TrainConfig
 

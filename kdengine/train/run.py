@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-from kdengine.train.config import TrainConfig
+from kdengine.data.records import BadSample, BadSampleSummary, precheck_records
+from kdengine.train.checkpoint import finished_stage
+from kdengine.train.config import CACHE_KIND, ConfigError, StageConfig, TrainConfig
 from kdengine.train.metrics import format_summary
 from kdengine.train.session import close_session, open_session
 from kdengine.train.stages import run_stage
 from kdengine.train.stop import Preempted, StopRequest
 
-__all__ = ["train"]
+__all__ = ["precheck_datasets", "train"]
 
 
 def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = None) -> list[dict]:
@@ -24,6 +26,11 @@ def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = N
             session.log.write({"event": "config_change", **change})
             if session.dist.is_main:
                 print(f"--resume applies {change['key']}: {change['old']!r} -> {change['new']!r}", flush=True)
+        to_run = [st for st in cfg.stages  # a cache stage always builds its dataset (it resumes its cache)
+                  if st.kind == CACHE_KIND or finished_stage(session.stage_dir(st.name)) is None]
+        for name, summary in precheck_datasets(cfg, to_run).items():
+            if summary.skipped and session.dist.is_main:
+                print(f"datasets.{name}, checked before training: {summary.format()}", flush=True)
         rows = []
         with StopRequest() as session.stop:
             for i, stage in enumerate(cfg.stages):
@@ -39,3 +46,31 @@ def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = N
     finally:
         close_session(session)
     return rows
+
+
+def precheck_datasets(cfg: TrainConfig, stages: list[StageConfig]) -> dict[str, BadSampleSummary]:
+    """The data of ``stages``, checked before the first of them trains, as far as that is cheap: every
+    record of every dataset they read parses and validates, and every image file it names is present and
+    not empty (no decode; images load when their stage builds its dataset, or lazily, as before).
+
+    A bad record raises BadSample led by the dataset and the stages reading it, unless the dataset skips
+    bad samples (``on_bad_sample: skip``): then it is counted. Returns {dataset name: summary}.
+    A teacher_cache stage's output is a cache directory, not a dataset: nothing here reads it."""
+    readers: dict[str, list[str]] = {}
+    for st in stages:
+        readers.setdefault(st.data, []).append(st.name)
+    summaries = {}
+    for name, names in readers.items():
+        ds = cfg.datasets[name]
+        where = f"datasets.{name} (stage{'s' if len(names) > 1 else ''} {', '.join(names)})"
+        try:
+            summary = precheck_records(ds.path, ds.image_folder, ds.on_bad_sample)
+        except BadSample as err:
+            raise err.within(where) from None
+        except (ValueError, OSError) as err:  # a broken JSON list, a file gone since the config was checked
+            raise ConfigError(f"{where}: {err}") from None
+        if summary.total and not summary.kept:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.counts.items()))
+            raise ConfigError(f"{where}: all {summary.total} records are bad ({reasons}); expected usable records")
+        summaries[name] = summary
+    return summaries
