@@ -80,7 +80,8 @@ def test_zero_rows_have_cos_zero_and_finite_gradients():
     rows.sum().backward()
     assert torch.isfinite(s.grad).all()
     # a zero student row: the gradient of 1 - <s, t> / (eps |t|) is -t / (eps |t|) (the eps clamp, documented)
-    assert torch.allclose(s.grad[0], -torch.tensor([0.6, 0.8]) / NORM_EPS, rtol=1e-5)
+    assert NORM_EPS == 1e-8  # the documented clamp
+    assert torch.allclose(s.grad[0], -torch.tensor([0.6, 0.8]) / 1e-8, rtol=1e-5)
     assert torch.equal(s.grad[2], torch.zeros(2))  # a zero teacher row gives no gradient
     both = torch.zeros(2, 4, requires_grad=True)
     loss = feature_loss(both, torch.zeros(2, 4))
