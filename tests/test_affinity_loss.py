@@ -132,6 +132,8 @@ def test_batched_matches_reference_and_counts_samples(dtype, metric):
     for name, g, r in zip(("loss", "grad"), got[:2], ref[:2]):
         assert_close(f"batched/{metric}/{name}", g, r, dtype)
     assert torch.equal(got[1][2], torch.zeros_like(got[1][2]))  # the sample without visual rows gets no gradient
+    neither = ~(resp | vis)
+    assert torch.equal(got[1][neither], torch.zeros_like(got[1][neither]))  # nor do rows in neither mask
 
 
 @pytest.mark.parametrize("metric", METRICS)

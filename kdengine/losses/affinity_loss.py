@@ -9,7 +9,7 @@ A sample without response rows or without visual rows has loss 0. No projector i
 depend on the hidden size). Memory is O((T + P) D + T P) per sample.
 
 The batched form compacts each sample's response and visual rows into [B, T_max, D] and [B, P_max, D]
-(one device sync for T_max and P_max), so its memory is O(B (T_max + P_max) D + B T_max P_max), never
+(a device sync for each of T_max and P_max), so its memory is O(B (T_max + P_max) D + B T_max P_max), never
 [B, S, S]. It averages over the samples that have both kinds of rows and can return that count.
 """
 
@@ -138,15 +138,18 @@ def affinity_loss(
     return per[0].to(student_resp.dtype)
 
 
-def _compact(hidden: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``hidden`` [B, S, D] where ``mask`` [B, S], moved to the front in order: ([B, K, D], valid [B, K]),
-    K = the largest count (padding rows are copies of other rows, marked invalid)."""
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``mask`` [B, S], moved to the front in order: (index [B, K], valid [B, K]), K the largest
+    count (one device sync); the padding indices point at other rows and are marked invalid."""
     counts = mask.sum(1)
     k = int(counts.max()) if counts.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
-    rows = torch.gather(hidden, 1, order[:, :, None].expand(-1, -1, hidden.shape[2])).to(dtype)
-    valid = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
-    return rows, valid
+    return order, torch.arange(k, device=mask.device)[None, :] < counts[:, None]
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """hidden [B, S, D] at index [B, K] -> [B, K, D] in ``dtype``."""
+    return torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[2])).to(dtype)
 
 
 def affinity_loss_batched(
@@ -174,11 +177,11 @@ def affinity_loss_batched(
     """
     validate_batched_args(student_hidden, teacher_hidden, resp_mask, vis_mask, metric, temperature)
     dtype = compute_dtype(student_hidden)
-    sr, row_valid = _compact(student_hidden, resp_mask, dtype)
-    sv, col_valid = _compact(student_hidden, vis_mask, dtype)
-    tr, _ = _compact(teacher_hidden, resp_mask, dtype)
-    tv, _ = _compact(teacher_hidden, vis_mask, dtype)
-    per, has = affinity_per_sample(sr, sv, tr, tv, row_valid, col_valid, metric, temperature)
+    resp, row_valid = _compact(resp_mask)
+    vis, col_valid = _compact(vis_mask)
+    per, has = affinity_per_sample(_rows(student_hidden, resp, dtype), _rows(student_hidden, vis, dtype),
+                                   _rows(teacher_hidden, resp, dtype), _rows(teacher_hidden, vis, dtype),
+                                   row_valid, col_valid, metric, temperature)
     count = has.sum()
     loss = (per.sum() / count.clamp_min(1).to(per.dtype)).to(student_hidden.dtype)
     return (loss, count) if return_count else loss
