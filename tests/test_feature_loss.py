@@ -171,3 +171,12 @@ def test_bad_input_raises_named_error(change, match):
     s, t = args.pop("projected_student"), args.pop("teacher")
     with pytest.raises(ValueError, match=match):
         feature_loss(s, t, **args)
+
+
+def test_the_package_exports_the_alignment_losses():
+    import kdengine.losses as losses
+    from kdengine.losses.affinity_loss import affinity_loss, affinity_loss_batched
+    from kdengine.losses.feature_loss import feature_loss
+
+    assert losses.feature_loss is feature_loss and callable(losses.feature_loss)
+    assert losses.affinity_loss is affinity_loss and losses.affinity_loss_batched is affinity_loss_batched

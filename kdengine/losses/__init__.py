@@ -1,5 +1,5 @@
-"""Distillation losses: fused vocab-chunked divergences (MDist), Gram-cosine RDist, and the
-top-k divergence for an offline teacher cache.
+"""Distillation losses: fused vocab-chunked divergences (MDist), Gram-cosine RDist, the
+top-k divergence for an offline teacher cache, and LLaVADI's hidden-state and affinity terms.
 
     from kdengine.losses import fused_linear_divergence, gram_cosine_loss, topk_divergence
 
@@ -18,6 +18,8 @@ import types
 
 _EXPORTS = {
     "DIVERGENCES": "settings", "DistillSettings": "settings", "LossWeights": "settings",
+    "affinity_loss": "affinity_loss", "affinity_loss_batched": "affinity_loss",
+    "feature_loss": "feature_loss",
     "fused_linear_divergence": "fused_linear_divergence",
     "fused_linear_divergence_reference": "reference",
     "gram_cosine_loss": "gram_cosine",
