@@ -168,3 +168,21 @@ def test_kernel_forward_upcasts_bf16_hidden_in_row_blocks():
     a_bytes = a.numel() * a.element_size()
     whole_fp32 = h.numel() * 4
     assert mode.peak - a_bytes < whole_fp32, f"peak beyond A {(mode.peak - a_bytes) / MB:.1f} MB"
+
+
+def test_stored_teacher_gram_objective_keeps_float64():
+    """kdengine.cache.objective with a float64 student: G and R_s in float64, equal to the float64 reference."""
+    from kdengine.cache.objective import gram_cosine_from_teacher_gram
+
+    g = torch.Generator().manual_seed(6)
+    hs = torch.randn(3, 7, 12, generator=g, dtype=torch.float64)
+    ws = torch.randn(37, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(3, 7, 20, generator=g, dtype=torch.float64), torch.randn(37, 20, generator=g, dtype=torch.float64)
+    zt = ht @ wt.T
+    got = gram_cosine_from_teacher_gram(hs, ws, zt @ zt.transpose(1, 2))
+    ref = gram_cosine_loss(hs, ws.detach(), ht, wt, impl="reference")
+    assert got.dtype == torch.float64
+    a, b = float(got.detach()), float(ref)
+    assert abs(a - b) <= 1e-12 * max(1.0, abs(b)), (a, b)
+    got.backward()
+    assert ws.grad.dtype == torch.float64

@@ -4,7 +4,9 @@ For sample b with valid visual rows H_b [P, D] and logits Z_b = H_b W^T [P, V] (
 min(V, Vt) vocabulary rows; raw logits: no temperature, no softmax), R_b = Z_b Z_b^T.
 Since R_b = H_b (W^T W) H_b^T, everything runs through the D x D matrix G = W^T W, which is cached
 for frozen weights (the teacher always, the student in DPT): the per-step cost is then
-independent of V and [B, P, V] never exists.
+independent of V and [B, P, V] never exists. G is fp32 (float64 for float64 weights) and is formed
+without an fp32 copy of a 16-bit W: row blocks of 16 MB are upcast in turn (or, on CUDA, one GEMM
+with fp32 output); a trainable W is saved as is and dW = W (dG + dG^T) is one GEMM (``weight_gram``).
 
 Every impl produces the per-sample statistics S [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2);
 ``loss_from_stats`` turns them into the loss, so the reductions are written once:
