@@ -393,6 +393,36 @@ def _dot_precision(h_dtype: torch.dtype) -> str:
     return "tf32" if h_dtype == torch.float16 and not interpreting() else "ieee"
 
 
+ROW_BLOCK_BYTES = 16 << 20  # a 16-bit H is upcast to fp32 this many bytes of rows at a time
+
+
+def _row_blocks(h: torch.Tensor):
+    """(b, i, j) for every sample b and row range [i, j) of at most ROW_BLOCK_BYTES of fp32 (>= 1 row)."""
+    step = max(1, ROW_BLOCK_BYTES // (4 * max(h.shape[2], 1)))
+    return ((b, i, min(i + step, h.shape[1])) for b in range(h.shape[0]) for i in range(0, h.shape[1], step))
+
+
+def _times_gram(h: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A = H G [B, P, D] in ``dtype``, computed in fp32; a non-fp32 H is upcast one row block at a time."""
+    g = g.float()
+    if h.dtype == torch.float32:
+        return (h @ g).to(dtype)
+    a = torch.empty(h.shape, dtype=dtype, device=h.device)
+    for b, i, j in _row_blocks(h):
+        a[b, i:j] = h[b, i:j].float() @ g
+    return a
+
+
+def _gram_of_rows(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """sum_b H[b]^T R[b] [D, Dr] in fp32 (R fp32); a non-fp32 H is upcast one row block at a time."""
+    if h.dtype == torch.float32:
+        return torch.einsum("bpi,bpj->ij", h, r)
+    out = torch.zeros(h.shape[2], r.shape[2], dtype=torch.float32, device=h.device)
+    for b, i, j in _row_blocks(h):
+        out.addmm_(h[b, i:j].float().T, r[b, i:j])
+    return out
+
+
 class GramStatsTriton(torch.autograd.Function):
     """stats [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2) with R = H G H^T, gradients into H_s and G_s.
 
@@ -411,8 +441,8 @@ class GramStatsTriton(torch.autograd.Function):
     def forward(ctx, h_s, g_s, h_t, g_t):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise ValueError("GramStatsTriton: h_t / g_t (teacher) must not require grad")
-        a_s = (h_s.float() @ g_s.float()).to(_a_dtype(h_s.dtype))
-        a_t = (h_t.float() @ g_t.float()).to(_a_dtype(h_t.dtype))
+        a_s = _times_gram(h_s, g_s, _a_dtype(h_s.dtype))
+        a_t = _times_gram(h_t, g_t, _a_dtype(h_t.dtype))
         stats = gram_stats(a_s, h_s, a_t, h_t, symmetric=True, input_precision=_dot_precision(h_s.dtype))
         ctx.save_for_backward(a_s, h_s, a_t, h_t)
         ctx.g_dtype = g_s.dtype
@@ -436,5 +466,5 @@ class GramStatsTriton(torch.autograd.Function):
         grad_g = None
         if need_g:
             dr_h = out[..., -ds:]
-            grad_g = torch.einsum("bpi,bpj->ij", h_s.float(), dr_h).to(ctx.g_dtype)
+            grad_g = _gram_of_rows(h_s, dr_h).to(ctx.g_dtype)
         return grad_h, grad_g, None, None

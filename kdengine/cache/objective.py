@@ -40,9 +40,10 @@ def gram_cosine_from_teacher_gram(student_hidden: torch.Tensor, student_weight: 
     rows = student_weight.shape[0] if vocab_rows is None else vocab_rows
     if rows > student_weight.shape[0]:
         raise ValueError(f"vocab_rows = {rows} exceeds the student's {student_weight.shape[0]} lm_head rows")
-    h = student_hidden.float()
-    rs = (h @ weight_gram(student_weight, rows)) @ h.transpose(1, 2)
-    fs, ft = rs.flatten(1), teacher_gram.detach().float().flatten(1)
+    g = weight_gram(student_weight, rows)  # fp32, float64 for a float64 weight
+    h = student_hidden.to(g.dtype)
+    rs = (h @ g) @ h.transpose(1, 2)
+    fs, ft = rs.flatten(1), teacher_gram.detach().to(g.dtype).flatten(1)
     stats = torch.stack([torch.linalg.vecdot(fs, ft), torch.linalg.vecdot(fs, fs), torch.linalg.vecdot(ft, ft)], -1)
     has_rows = torch.full((n,), p > 0, device=h.device)
     return loss_from_stats(stats, has_rows, reduction).to(student_hidden.dtype)

@@ -4,7 +4,9 @@ For sample b with valid visual rows H_b [P, D] and logits Z_b = H_b W^T [P, V] (
 min(V, Vt) vocabulary rows; raw logits: no temperature, no softmax), R_b = Z_b Z_b^T.
 Since R_b = H_b (W^T W) H_b^T, everything runs through the D x D matrix G = W^T W, which is cached
 for frozen weights (the teacher always, the student in DPT): the per-step cost is then
-independent of V and [B, P, V] never exists.
+independent of V and [B, P, V] never exists. G is fp32 (float64 for float64 weights) and is formed
+without an fp32 copy of a 16-bit W: row blocks of 16 MB are upcast in turn (or, on CUDA, one GEMM
+with fp32 output); a trainable W is saved as is and dW = W (dG + dG^T) is one GEMM (``weight_gram``).
 
 Every impl produces the per-sample statistics S [B, 3] = (<R_s, R_t>, |R_s|^2, |R_t|^2);
 ``loss_from_stats`` turns them into the loss, so the reductions are written once:
@@ -27,6 +29,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kdengine.losses.checks import GRAM_REDUCTIONS, IMPLS, check_choice, check_devices_dtypes_frozen_teacher, resolve_impl
 from kdengine.losses.gram_cosine_torch import gram_stats_torch
@@ -65,21 +68,92 @@ def validate_gram_args(student_hidden, student_weight, teacher_hidden, teacher_w
     check_choice("impl", impl, IMPLS)
 
 
-def weight_gram(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """G = W[:rows]^T W[:rows] in fp32, [D, D].
+BLOCK_BYTES = 16 << 20  # a 16-bit weight is upcast to fp32 this many bytes of rows at a time (G: one such
+# temporary live; dW: two, the upcast block and its product)
 
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype G = W^T W is computed and returned in: float64 for float64 weights, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(rows: int, cols: int):
+    """Row ranges [i, j) of at most BLOCK_BYTES of fp32 each (at least one row)."""
+    step = max(1, BLOCK_BYTES // (4 * max(cols, 1)))
+    return ((i, min(i + step, rows)) for i in range(0, rows, step))
+
+
+def _gram(w: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """w^T w [D, D] in ``gram_dtype(w.dtype)``, with no copy of the whole of a 16-bit ``w``.
+
+    fp32 / float64: one GEMM on w itself. bf16 / fp16: the products are exact in fp32 and sum in fp32,
+    by one GEMM with fp32 output on CUDA (``torch.mm(..., out_dtype=torch.float32)``; ``fused``) or,
+    where that is missing (CPU), by fp32 GEMMs over row blocks of BLOCK_BYTES accumulated into G.
+    """
+    dtype = gram_dtype(w.dtype)
+    if w.dtype == dtype:
+        return w.T @ w
+    if fused is None:
+        fused = w.device.type == "cuda"
+    if fused:
+        try:
+            return torch.mm(w.T, w, out_dtype=dtype)
+        except (NotImplementedError, RuntimeError):  # no fp32-output kernel for this dtype / device
+            pass
+    g = w.new_zeros(w.shape[1], w.shape[1], dtype=dtype)
+    for i, j in _row_blocks(w.shape[0], w.shape[1]):
+        b = w[i:j].to(dtype)
+        g.addmm_(b.T, b)
+        del b  # freed before the next block is upcast
+    return g
+
+
+def _gram_weight_grad(weight: torch.Tensor, rows: int, s: torch.Tensor) -> torch.Tensor:
+    """dW = W[:rows] S (S = dG + dG^T) in the weight's dtype and shape, rows past ``rows`` zero: one GEMM,
+    over row blocks for a 16-bit weight (each block upcast, multiplied in fp32, written in the weight's dtype)."""
+    grad = weight.new_empty(weight.shape) if rows == weight.shape[0] else weight.new_zeros(weight.shape)
+    if weight.dtype == s.dtype:
+        torch.mm(weight[:rows], s, out=grad[:rows])
+        return grad
+    for i, j in _row_blocks(rows, weight.shape[1]):
+        grad[i:j] = weight[i:j].to(s.dtype) @ s
+    return grad
+
+
+class _WeightGram(torch.autograd.Function):
+    """G = W[:rows]^T W[:rows] of a trainable weight. Saves W itself (no upcast copy) and computes
+    dW = W (dG + dG^T) as one GEMM in backward."""
+
+    @staticmethod
+    def forward(ctx, weight, rows):
+        ctx.save_for_backward(weight)
+        ctx.rows = rows
+        return _gram(weight[:rows])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_g):
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        grad_g = grad_g.to(gram_dtype(weight.dtype))
+        return _gram_weight_grad(weight, ctx.rows, grad_g + grad_g.T), None
+
+
+def weight_gram(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """G = W[:rows]^T W[:rows], [D, D], in fp32 (float64 for a float64 weight), never upcasting the whole weight.
+
+    A weight that requires grad goes through ``_WeightGram`` (hand-written backward, W saved as is).
     Frozen weights are cached: an entry holds a weak reference to the tensor object and its
     ``_version``, so an in-place update, or a new tensor that reuses the storage address, misses.
     """
     if weight.requires_grad:
-        w = weight[:rows].float()
-        return w.T @ w
+        return _WeightGram.apply(weight, rows)
     for i, (ref, version, n, g) in enumerate(_GRAM_CACHE):
         if ref() is weight and version == weight._version and n == rows:
             _GRAM_CACHE.append(_GRAM_CACHE.pop(i))
             return g
-    w = weight[:rows].float()
-    g = w.T @ w
+    g = _gram(weight[:rows])
     _GRAM_CACHE.append((weakref.ref(weight), weight._version, rows, g))
     del _GRAM_CACHE[:-_GRAM_CACHE_SIZE]
     return g
@@ -136,7 +210,7 @@ def gram_cosine_loss(
         gs = weight_gram(student_weight, vc)
         gt = weight_gram(teacher_weight, vc)
         if impl == "torch":
-            stats = gram_stats_torch(hs.float(), gs, ht.float(), gt)
+            stats = gram_stats_torch(hs.to(gs.dtype), gs, ht.to(gt.dtype), gt)  # fp32 (float64 for float64)
         else:
             from kdengine.kernels.gram_cosine import GramStatsTriton
 
