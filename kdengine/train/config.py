@@ -47,7 +47,7 @@ from kdengine.data.synth import QUESTION_SETS
 from kdengine.eval.checkpoint_files import check_checkpoint_dir
 from kdengine.losses.settings import DistillSettings, LossWeights
 from kdengine.model.spec import COMPONENTS, TINY_STUDENT, TINY_TEACHER, ModelSpec
-from kdengine.train.kinds import CACHE_KIND, DISTILL_KINDS, KINDS, STAGE_KINDS, stage_seed
+from kdengine.train.kinds import CACHE_KIND, KINDS, stage_seed
 
 __all__ = [
     "ConfigError",
@@ -61,14 +61,11 @@ __all__ = [
     "stage_seed_of",
 ]
 
-# Every stage kind, its defaults and its runner: kdengine.train.kinds.KINDS (re-exported here).
-DEFAULT_TRAINABLE = {name: list(k.trainable) for name, k in KINDS.items()}
-DEFAULT_WEIGHTS = {name: dict(k.weights) for name, k in KINDS.items()}
+# Every stage kind, its default weights and trainable parts, its runner: kdengine.train.kinds.KINDS.
 # Keys the engine derives from the stage; a DeepSpeed JSON must not set them.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
 RUN_DIR = "{run_dir}"
-_TEACHER_KINDS = " or ".join(DISTILL_KINDS)  # "dpt or dft", for messages
 
 
 class ConfigError(ValueError):
@@ -170,7 +167,7 @@ class EngineConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage. ``weights`` keys not given keep the kind's defaults (DEFAULT_WEIGHTS)."""
+    """One training stage. ``weights`` keys not given keep the kind's defaults (KINDS[kind].weights)."""
 
     name: str
     kind: str  # a key of kdengine.train.kinds.KINDS
@@ -179,7 +176,7 @@ class StageConfig:
     teacher: str | None = None
     teacher_cache: str | None = None  # dpt/dft: a teacher_cache stage's name or a cache directory, instead of teacher
     cache: CacheSettings | None = None  # teacher_cache: mode, k, temperature, ... (None: CacheSettings())
-    trainable: list[str] | None = None  # None: DEFAULT_TRAINABLE[kind]
+    trainable: list[str] | None = None  # None: KINDS[kind].trainable
     weights: LossWeights | None = None
     distill: DistillSettings = field(default_factory=DistillSettings)
     epochs: int = 1
@@ -195,11 +192,11 @@ class StageConfig:
 
     def __post_init__(self):
         """The kind's defaults, then every check that needs no other section (see `check` for those)."""
-        _one_of("kind", self.kind, STAGE_KINDS)
+        _one_of("kind", self.kind, KINDS)
         if self.weights is None:
-            self.weights = LossWeights(**DEFAULT_WEIGHTS[self.kind])
+            self.weights = LossWeights(**KINDS[self.kind].weights)
         if self.trainable is None:
-            self.trainable = list(DEFAULT_TRAINABLE[self.kind])
+            self.trainable = list(KINDS[self.kind].trainable)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name = {self.name!r}: expected a non-empty directory name")
         self._check_cache_fields()
@@ -228,7 +225,7 @@ class StageConfig:
             raise ValueError(f"cache = {self.cache}: only a {CACHE_KIND} stage has cache settings")
         if self.teacher_cache is not None and not self.distills:
             raise ValueError(f"teacher_cache = {self.teacher_cache!r}: kind {self.kind!r} reads no teacher; "
-                             f"expected kind {_TEACHER_KINDS}")
+                             f"expected kind {_teacher_kinds()}")
 
     def _check_weights(self) -> None:
         """The weights suit the kind (each weight is checked by LossWeights itself)."""
@@ -239,7 +236,7 @@ class StageConfig:
         if not self.distills and w.distills:
             raise ValueError(
                 f"weights res/vis/rel = {w.res}/{w.vis}/{w.rel}: kind {self.kind!r} has no teacher; "
-                f"expected 0 (use kind {_TEACHER_KINDS} to distill)"
+                f"expected 0 (use kind {_teacher_kinds()} to distill)"
             )
         if self.distills and not w.distills:
             plain = ", ".join(n for n, k in KINDS.items() if k.trains and not k.teacher)
@@ -251,6 +248,11 @@ class StageConfig:
     @property
     def distills(self) -> bool:
         return KINDS[self.kind].teacher
+
+
+def _teacher_kinds() -> str:
+    """"dpt or dft": the kinds that distil, for messages."""
+    return " or ".join(name for name, k in KINDS.items() if k.teacher)
 
 
 def _tiny_models() -> dict[str, ModelSpec]:
@@ -435,14 +437,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _stage_defaults(data: dict, where: str) -> dict:
     """A stage's ``weights`` given in part keep the kind's defaults for the other terms."""
     kind, weights = data.get("kind"), data.get("weights")
-    if kind not in STAGE_KINDS:
-        raise ConfigError(f"{where}.kind = {kind!r}: expected one of {list(STAGE_KINDS)}")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind = {kind!r}: expected one of {list(KINDS)}")
     if weights is None:
         return data
     if not isinstance(weights, dict):
-        keys = list(DEFAULT_WEIGHTS[kind])
+        keys = list(KINDS[kind].weights)
         raise ConfigError(f"{where}.weights = {weights!r}: expected a mapping with keys from {keys}")
-    return {**data, "weights": {**DEFAULT_WEIGHTS[kind], **weights}}
+    return {**data, "weights": {**KINDS[kind].weights, **weights}}
 
 
 def _parse(tp: Any, value: Any, where: str) -> Any:
@@ -596,7 +598,7 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
     elif teacher is not None:
         raise ConfigError(
             f"{where}.teacher = {teacher!r}: kind {stage.kind!r} is cross-entropy only; "
-            f"expected no teacher (use kind {_TEACHER_KINDS} to distill)"
+            f"expected no teacher (use kind {_teacher_kinds()} to distill)"
         )
     if stage.seed_as is not None:
         same = [st for st in cfg.stages if st.name == stage.seed_as and st.name != stage.name]
@@ -627,7 +629,7 @@ def _check_teacher_cache(cfg: TrainConfig, stage: StageConfig, where: str) -> No
             raise ConfigError(f"{where}.teacher_cache = {stage.teacher_cache!r} is the {source.kind} stage "
                               f"{names.index(source.name)}; expected an earlier {CACHE_KIND} stage or a cache directory")
         c = source.cache  # a cache stage writes every distilled row, and in topk mode each image's Gram matrix
-        problem = cache_mismatch(stage, f"{CACHE_KIND} stage {source.name!r}", c.mode, c.temperature,
+        problem = cache_mismatch(stage, repr(source.name), c.mode, c.temperature,
                                  rows="response+visual", has_gram=True)
         if problem:
             raise ConfigError(f"{where}.{problem}")

@@ -24,7 +24,7 @@ import hashlib
 import importlib
 from dataclasses import dataclass, field
 
-__all__ = ["CACHE_KIND", "DISTILL_KINDS", "KINDS", "PRODUCTS", "STAGE_KINDS", "StageKind", "stage_seed"]
+__all__ = ["CACHE_KIND", "KINDS", "PRODUCTS", "StageKind", "stage_seed"]
 
 PRODUCTS = ("model", "cache", "data")
 # Paper defaults (Sec. 4.1): alpha, beta, gamma = 1, 1, 0.5 in DPT and in DFT.
@@ -68,8 +68,6 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("dft", weights=dict(_DISTILL), trainable=("projector", "language_model"), teacher=True),
     StageKind(CACHE_KIND, produces="cache", runner="kdengine.train.cache_stage:run_cache_stage"),
 )}
-STAGE_KINDS = tuple(KINDS)
-DISTILL_KINDS = tuple(name for name, k in KINDS.items() if k.teacher)
 
 
 def stage_seed(run_seed: int, name: str) -> int:
