@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 # Every stage kind, its default weights and trainable parts, its runner: kdengine.train.kinds.KINDS.
+
 # Keys the engine derives from the stage; a DeepSpeed JSON must not set them.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
