@@ -11,8 +11,6 @@ import argparse
 import os
 import sys
 
-from kdengine.cache.commands import add_teacher_cache  # argparse only (kdengine.cache loads lazily)
-
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from kdengine.data.synth import synthesize
@@ -158,8 +156,44 @@ def _add_demo(sub) -> None:
     demo.set_defaults(func=_run_demo)
 
 
+TEACHER_CACHE_USAGE = """\
+write a stage's teacher cache alone, or import one from a server.
+
+    kdengine teacher-cache CONFIG --stage NAME [--set KEY=VALUE ...]
+        run the teacher_cache stage NAME of a training config (the teacher's weights come from
+        the earlier stages finished in run.output_dir, else from its model spec); resumes an
+        interrupted write.
+    kdengine teacher-cache import FILE.jsonl --config CONFIG --stage NAME --teacher-name NAME
+        convert per-position top-k log-probabilities (format: kdengine.cache.importer) into the
+        cache the dpt/dft stage NAME reads (its ``teacher_cache:`` path, or the cache stage it
+        names), with k, temperature and dtype from that cache stage's ``cache:`` settings or --k,
+        --temperature, --dtype.
+"""
+
+
+def _run_teacher_cache(args: argparse.Namespace) -> int:
+    from kdengine.train.cache_commands import run_teacher_cache
+
+    return run_teacher_cache(args)
+
+
+def _add_teacher_cache(sub) -> None:
+    p = sub.add_parser("teacher-cache", help="write a teacher cache (hidden states or top-k) or import one",
+                       description=TEACHER_CACHE_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="a training config (YAML), or 'import'")
+    p.add_argument("file", nargs="?", default=None, help="with import: the JSONL of top-k log-probabilities")
+    p.add_argument("--stage", required=True, help="the teacher_cache stage to run (import: the stage reading it)")
+    p.add_argument("--config", default=None, help="with import: the training config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--teacher-name", default=None, help="with import: what produced the log-probabilities")
+    p.add_argument("--k", type=int, default=None, help="with import: entries per position (default: cache settings)")
+    p.add_argument("--temperature", type=float, default=None, help="with import: their softmax temperature")
+    p.add_argument("--dtype", default=None, choices=("float16", "float32"), help="with import: stored dtype")
+    p.set_defaults(func=_run_teacher_cache)
+
+
 # One adder per top-level command; train / eval / demo go here.
-COMMANDS = (_add_data, _add_eval, _add_train, _add_demo, add_teacher_cache)
+COMMANDS = (_add_data, _add_eval, _add_train, _add_demo, _add_teacher_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

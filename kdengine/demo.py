@@ -59,6 +59,7 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
     """Load the demo config with ``out`` and ``seed`` applied; keep the teacher's stages and those of
     the selected student rows. Returns (TrainConfig, rows), the teacher row first."""
     from kdengine.train.config import ConfigError, check, load_config
+    from kdengine.train.kinds import KINDS
 
     sets = list(overrides) + ([f"run.output_dir={out}"] if out is not None else [])
     cfg = load_config(config, sets)
@@ -72,7 +73,7 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
     chosen = students if ablation else [r for r in students if r in MAIN_ROWS]
     keep = {TEACHER} | {STUDENT_PREFIX + r for r in chosen}
     read = {st.teacher_cache for st in cfg.stages if st.model in keep}  # teacher caches the kept rows read
-    cfg.stages = [st for st in cfg.stages if (st.name in read if st.kind == "teacher_cache" else st.model in keep)]
+    cfg.stages = [st for st in cfg.stages if (st.model in keep if KINDS[st.kind].trains else st.name in read)]
 
     # One seed moves everything random: the data, the model initialisations and the data order.
     cfg.run.seed = seed
@@ -87,7 +88,7 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
     rows = []
     for name in [TEACHER] + [r for r in students if r in chosen]:
         model = name if name == TEACHER else STUDENT_PREFIX + name
-        stages = [st for st in cfg.stages if st.model == model and st.kind != "teacher_cache"]  # caches train nothing
+        stages = [st for st in cfg.stages if st.model == model and KINDS[st.kind].trains]  # caches train nothing
         if not stages:
             raise ConfigError(f"{config}: model {model!r} has no stages; expected at least one to train it")
         steps: dict[str, int | None] = {}
@@ -106,7 +107,9 @@ def demo_config(config: str | os.PathLike = DEFAULT_CONFIG, out: str | None = No
 
 def _cache_note(cfg, stages) -> str:
     """" (cached hidden)" or " (cached top-k, k=8)" for a row whose distilling stages read a teacher cache."""
-    caches = {st.name: st.cache for st in cfg.stages if st.kind == "teacher_cache"}
+    from kdengine.train.config import CACHE_KIND
+
+    caches = {st.name: st.cache for st in cfg.stages if st.kind == CACHE_KIND}
     used = [caches[st.teacher_cache] for st in stages if st.teacher_cache in caches]
     if not used:
         return ""

@@ -7,8 +7,10 @@
 
     from kdengine.cache import CacheSettings, write_teacher_cache, TeacherCacheReader, import_topk_jsonl
 
-Names load on first use (PEP 562), so ``kdengine.cache.commands`` (the CLI's argparse part) and
-``kdengine.cache.settings`` (what a training config checks) import without torch.
+Names load on first use (PEP 562), so ``kdengine.cache.settings`` and ``kdengine.cache.manifest``
+(what a training config checks) import without torch. Nothing here imports ``kdengine.train``: the
+cache stage and the ``kdengine teacher-cache`` command that run these are in ``kdengine.train``
+(``cache_stage``, ``cache_commands``).
 """
 
 import importlib

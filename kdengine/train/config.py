@@ -14,7 +14,7 @@ Schema::
     datasets:  {name: DatasetConfig}        LLaVA JSON/JSONL + image folder + template
     models:    {name: kdengine.model.ModelSpec}   where a model's first weights come from
     engine:    zero_stage, deepspeed_config, activation_checkpointing, liger, shard_teacher, ...
-    stages:    [StageConfig]   name, kind (pt|sft|dpt|dft|teacher_cache), model, data, teacher, trainable,
+    stages:    [StageConfig]   name, kind (kdengine.train.kinds), model, data, teacher, trainable,
                                weights, distill, lr, batch sizes, epochs/max_steps, checkpoint_every;
                                teacher_cache (dpt/dft instead of teacher), cache (kdengine.cache.CacheSettings)
 
@@ -41,11 +41,13 @@ from typing import Any, Literal
 import yaml
 
 # Plain-Python modules only: a config loads and is checked before torch, transformers or DeepSpeed is imported.
+from kdengine.cache.manifest import MANIFEST, CacheError, load_manifest
 from kdengine.cache.settings import CacheSettings
 from kdengine.data.synth import QUESTION_SETS
 from kdengine.eval.checkpoint_files import check_checkpoint_dir
 from kdengine.losses.settings import DistillSettings, LossWeights
 from kdengine.model.spec import COMPONENTS, TINY_STUDENT, TINY_TEACHER, ModelSpec
+from kdengine.train.kinds import CACHE_KIND, KINDS, stage_seed
 
 __all__ = [
     "ConfigError",
@@ -56,21 +58,11 @@ __all__ = [
     "SynthConfig",
     "TrainConfig",
     "load_config",
+    "stage_seed_of",
 ]
 
-STAGE_KINDS = ("pt", "sft", "dpt", "dft", "teacher_cache")
-DISTILL_KINDS = ("dpt", "dft")
-CACHE_KIND = "teacher_cache"  # runs `model` as a frozen teacher and writes its cache (kdengine.cache); trains nothing
-DEFAULT_TRAINABLE = {"pt": ["projector"], "sft": ["projector", "language_model"],
-                     "dpt": ["projector"], "dft": ["projector", "language_model"], CACHE_KIND: []}
-# Paper defaults (Sec. 4.1): alpha, beta, gamma = 1, 1, 0.5 in DPT and in DFT.
-DEFAULT_WEIGHTS = {
-    "pt": {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},
-    "sft": {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},
-    "dpt": {"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 0.5},
-    "dft": {"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 0.5},
-    CACHE_KIND: {"ce": 1.0, "res": 0.0, "vis": 0.0, "rel": 0.0},  # unused
-}
+# Every stage kind, its default weights and trainable parts, its runner: kdengine.train.kinds.KINDS.
+
 # Keys the engine derives from the stage; a DeepSpeed JSON must not set them.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
@@ -176,16 +168,16 @@ class EngineConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage. ``weights`` keys not given keep the kind's defaults (DEFAULT_WEIGHTS)."""
+    """One training stage. ``weights`` keys not given keep the kind's defaults (KINDS[kind].weights)."""
 
     name: str
-    kind: Literal["pt", "sft", "dpt", "dft", "teacher_cache"]
+    kind: str  # a key of kdengine.train.kinds.KINDS
     model: str
     data: str
     teacher: str | None = None
     teacher_cache: str | None = None  # dpt/dft: a teacher_cache stage's name or a cache directory, instead of teacher
     cache: CacheSettings | None = None  # teacher_cache: mode, k, temperature, ... (None: CacheSettings())
-    trainable: list[str] | None = None  # None: DEFAULT_TRAINABLE[kind]
+    trainable: list[str] | None = None  # None: KINDS[kind].trainable
     weights: LossWeights | None = None
     distill: DistillSettings = field(default_factory=DistillSettings)
     epochs: int = 1
@@ -201,15 +193,15 @@ class StageConfig:
 
     def __post_init__(self):
         """The kind's defaults, then every check that needs no other section (see `check` for those)."""
-        _one_of("kind", self.kind, STAGE_KINDS)
+        _one_of("kind", self.kind, KINDS)
         if self.weights is None:
-            self.weights = LossWeights(**DEFAULT_WEIGHTS[self.kind])
+            self.weights = LossWeights(**KINDS[self.kind].weights)
         if self.trainable is None:
-            self.trainable = list(DEFAULT_TRAINABLE[self.kind])
+            self.trainable = list(KINDS[self.kind].trainable)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name = {self.name!r}: expected a non-empty directory name")
         self._check_cache_fields()
-        if not self.trainable and self.kind != CACHE_KIND:
+        if not self.trainable and KINDS[self.kind].trains:
             raise ValueError(f"trainable = {self.trainable!r}: nothing to train; expected some of {list(COMPONENTS)}")
         bad = [c for c in self.trainable if c not in COMPONENTS]
         if bad:
@@ -234,7 +226,7 @@ class StageConfig:
             raise ValueError(f"cache = {self.cache}: only a {CACHE_KIND} stage has cache settings")
         if self.teacher_cache is not None and not self.distills:
             raise ValueError(f"teacher_cache = {self.teacher_cache!r}: kind {self.kind!r} reads no teacher; "
-                             f"expected kind dpt or dft")
+                             f"expected kind {_teacher_kinds()}")
 
     def _check_weights(self) -> None:
         """The weights suit the kind (each weight is checked by LossWeights itself)."""
@@ -245,17 +237,23 @@ class StageConfig:
         if not self.distills and w.distills:
             raise ValueError(
                 f"weights res/vis/rel = {w.res}/{w.vis}/{w.rel}: kind {self.kind!r} has no teacher; "
-                f"expected 0 (use kind dpt or dft to distill)"
+                f"expected 0 (use kind {_teacher_kinds()} to distill)"
             )
         if self.distills and not w.distills:
+            plain = ", ".join(n for n, k in KINDS.items() if k.trains and not k.teacher)
             raise ValueError(
                 f"weights res/vis/rel are all zero: kind {self.kind!r} would not distill; "
-                f"expected one of them > 0 (or kind {'pt' if self.kind == 'dpt' else 'sft'})"
+                f"expected one of them > 0 (or a kind without a teacher: {plain})"
             )
 
     @property
     def distills(self) -> bool:
-        return self.kind in DISTILL_KINDS
+        return KINDS[self.kind].teacher
+
+
+def _teacher_kinds() -> str:
+    """"dpt or dft": the kinds that distil, for messages."""
+    return " or ".join(name for name, k in KINDS.items() if k.teacher)
 
 
 def _tiny_models() -> dict[str, ModelSpec]:
@@ -440,14 +438,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _stage_defaults(data: dict, where: str) -> dict:
     """A stage's ``weights`` given in part keep the kind's defaults for the other terms."""
     kind, weights = data.get("kind"), data.get("weights")
-    if kind not in STAGE_KINDS:
-        raise ConfigError(f"{where}.kind = {kind!r}: expected one of {list(STAGE_KINDS)}")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind = {kind!r}: expected one of {list(KINDS)}")
     if weights is None:
         return data
     if not isinstance(weights, dict):
-        keys = list(DEFAULT_WEIGHTS[kind])
+        keys = list(KINDS[kind].weights)
         raise ConfigError(f"{where}.weights = {weights!r}: expected a mapping with keys from {keys}")
-    return {**data, "weights": {**DEFAULT_WEIGHTS[kind], **weights}}
+    return {**data, "weights": {**KINDS[kind].weights, **weights}}
 
 
 def _parse(tp: Any, value: Any, where: str) -> Any:
@@ -601,7 +599,7 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
     elif teacher is not None:
         raise ConfigError(
             f"{where}.teacher = {teacher!r}: kind {stage.kind!r} is cross-entropy only; "
-            f"expected no teacher (use kind dpt or dft to distill)"
+            f"expected no teacher (use kind {_teacher_kinds()} to distill)"
         )
     if stage.seed_as is not None:
         same = [st for st in cfg.stages if st.name == stage.seed_as and st.name != stage.name]
@@ -620,7 +618,8 @@ def _check_stage(cfg: TrainConfig, stage: StageConfig, where: str, world_size: i
 
 def _check_teacher_cache(cfg: TrainConfig, stage: StageConfig, where: str) -> None:
     """A dpt/dft stage reading a cache has no teacher; a cache named like a stage is an earlier teacher_cache
-    stage (any other name is a cache directory, checked when the stage opens it)."""
+    stage whose settings can give the reading stage's loss (any other name is a cache directory: its
+    manifest, if written, is checked by `_check_paths`; the whole cache when the stage opens it)."""
     if stage.teacher is not None:
         raise ConfigError(f"{where}: teacher = {stage.teacher!r} and teacher_cache = {stage.teacher_cache!r}; "
                           f"expected one of them (the cache replaces the teacher)")
@@ -630,6 +629,42 @@ def _check_teacher_cache(cfg: TrainConfig, stage: StageConfig, where: str) -> No
         if source.kind != CACHE_KIND or names.index(source.name) > names.index(stage.name):
             raise ConfigError(f"{where}.teacher_cache = {stage.teacher_cache!r} is the {source.kind} stage "
                               f"{names.index(source.name)}; expected an earlier {CACHE_KIND} stage or a cache directory")
+        c = source.cache  # a cache stage writes every distilled row, and in topk mode each image's Gram matrix
+        problem = cache_mismatch(stage, repr(source.name), c.mode, c.temperature,
+                                 rows="response+visual", has_gram=True)
+        if problem:
+            raise ConfigError(f"{where}.{problem}")
+
+
+def cache_mismatch(stage: StageConfig, cache: str, mode: str, temperature: float | None, rows: str,
+                   has_gram: bool) -> str | None:
+    """What a teacher cache (described by ``cache``) cannot give the loss of ``stage`` that reads it, as
+    "key = value but ...; expected ..."; None when it gives all. A hidden-mode cache gives every loss; a
+    top-k one gives forward KL only, at the temperature it was written with, visual rows only if
+    ``rows`` has them, RDist only with its Gram matrices. Checked at config load and again when the
+    stage opens the cache (`kdengine.train.cache_stage.check_stage_terms`)."""
+    if mode != "topk":
+        return None
+    d, w = stage.distill, stage.weights
+    if d.divergence != "forward_kl":
+        return (f"distill.divergence = {d.divergence!r} but teacher cache {cache} is top-k, which gives "
+                f"forward_kl only; expected forward_kl (or a hidden-mode cache)")
+    if abs(d.temperature - temperature) > 1e-12 * max(1.0, abs(temperature)):
+        return (f"distill.temperature = {d.temperature:g} but teacher cache {cache} holds top-k log-probabilities "
+                f"at temperature {temperature:g}; expected equal")
+    if w.vis != 0 and rows == "response":
+        return (f"weights.vis = {w.vis:g} but teacher cache {cache} holds response positions only; "
+                f"expected weights.vis = 0")
+    if w.rel != 0 and not has_gram:
+        return (f"weights.rel = {w.rel:g} but teacher cache {cache} holds no teacher Gram matrices (RDist); "
+                f"expected weights.rel = 0")
+    return None
+
+
+def stage_seed_of(cfg: TrainConfig, stage: StageConfig) -> int:
+    """The seed of ``stage``'s random draws (initialisation, data order): `kdengine.train.kinds.stage_seed`
+    of its name, or of the name its ``seed_as`` gives."""
+    return stage_seed(cfg.run.seed, stage.seed_as or stage.name)
 
 
 def _check_paths(cfg: TrainConfig) -> None:
@@ -671,3 +706,19 @@ def _check_paths(cfg: TrainConfig) -> None:
         for p in paths:
             need(f"datasets.{stage.data}.path", p, "file")
         need(f"datasets.{stage.data}.image_folder", ds.image_folder, "dir")
+        if stage.teacher_cache is not None and stage.teacher_cache not in {st.name for st in cfg.stages}:
+            _check_cache_manifest(stage, f"stages[{cfg.stages.index(stage)}] ({stage.name})")
+
+
+def _check_cache_manifest(stage: StageConfig, where: str) -> None:
+    """A cache directory's manifest, when written (``teacher-cache import`` may write it after this
+    check), gives the stage's loss terms; the shards are verified when the stage opens it."""
+    if not os.path.isfile(os.path.join(stage.teacher_cache, MANIFEST)):
+        return
+    try:
+        m = load_manifest(stage.teacher_cache)
+    except CacheError as err:
+        raise ConfigError(f"{where}.teacher_cache: {err}") from None
+    problem = cache_mismatch(stage, repr(stage.teacher_cache), m.mode, m.temperature, m.rows, m.has_gram)
+    if problem:
+        raise ConfigError(f"{where}.{problem}")

@@ -7,7 +7,8 @@ import os
 
 from kdengine.data.records import BadSample, BadSampleSummary, precheck_records
 from kdengine.train.checkpoint import finished_stage
-from kdengine.train.config import CACHE_KIND, ConfigError, StageConfig, TrainConfig
+from kdengine.train.config import ConfigError, StageConfig, TrainConfig
+from kdengine.train.kinds import KINDS
 from kdengine.train.metrics import format_summary
 from kdengine.train.session import close_session, open_session
 from kdengine.train.stages import run_stage
@@ -26,8 +27,8 @@ def train(cfg: TrainConfig, resume: bool = False, changes: list[dict] | None = N
             session.log.write({"event": "config_change", **change})
             if session.dist.is_main:
                 print(f"--resume applies {change['key']}: {change['old']!r} -> {change['new']!r}", flush=True)
-        to_run = [st for st in cfg.stages  # a cache stage always builds its dataset (it resumes its cache)
-                  if st.kind == CACHE_KIND or finished_stage(session.stage_dir(st.name)) is None]
+        to_run = [st for st in cfg.stages  # a stage that trains nothing (a cache) always runs: it resumes its output
+                  if not KINDS[st.kind].trains or finished_stage(session.stage_dir(st.name)) is None]
         for name, summary in precheck_datasets(cfg, to_run).items():
             if summary.skipped and session.dist.is_main:
                 print(f"datasets.{name}, checked before training: {summary.format()}", flush=True)

@@ -1,7 +1,8 @@
 """One stage: build (student, teacher, data, DeepSpeed engine) -> restore -> steps -> save.
 
-Every stage kind runs the same loop; the kind only sets defaults in the config (trainable
-components, loss weights) and whether a teacher runs. Each optimizer step reads ``accum``
+`run_stage` calls the runner of the stage's kind (`kdengine.train.kinds.KINDS`). Every kind that
+trains (pt, sft, dpt, dft) runs the same loop, `train_stage`; the kind only sets defaults in the
+config (trainable components, loss weights) and whether a teacher runs. Each optimizer step reads ``accum``
 micro-batches per rank; for each one the teacher (no grad) runs first, then the student and
 `llava_kd_loss` inside the engine's forward, then ``engine.backward`` and ``engine.step``
 (DeepSpeed steps the optimizer and the LR schedule at the accumulation boundary).
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kdengine.cache.stage import open_stage_cache, run_cache_stage
 from kdengine.data import LlavaCollator
 from kdengine.data.records import BadSample
 from kdengine.losses.checks import LOSS_TERMS
@@ -31,7 +31,9 @@ from kdengine.train.checkpoint import (
     save_checkpoint,
     save_stage_model,
 )
-from kdengine.train.config import CACHE_KIND, EngineConfig, StageConfig, read_deepspeed_json, zero_stage
+from kdengine.train.cache_stage import open_stage_cache
+from kdengine.train.config import EngineConfig, StageConfig, read_deepspeed_json, stage_seed_of, zero_stage
+from kdengine.train.kinds import KINDS
 from kdengine.train.batches import StepPlan, TrainInputError, build_stage_dataset, micro_batches
 from kdengine.train.dist import DistInfo, all_reduce
 from kdengine.train.faults import fault
@@ -43,7 +45,7 @@ from kdengine.train.plots import plot_stage
 from kdengine.train.session import Session
 from kdengine.train.stop import Preempted
 
-__all__ = ["StageParts", "build_engine", "build_stage", "deepspeed_config", "run_stage", "train_step"]
+__all__ = ["StageParts", "build_engine", "build_stage", "deepspeed_config", "run_stage", "train_stage", "train_step"]
 
 MAX_SKIPPED_IDS = 5  # ids of skipped samples kept per metrics record
 
@@ -64,15 +66,18 @@ class StageParts:
 
 
 def run_stage(session: Session, index: int, stage: StageConfig) -> dict:
-    """Run (or, when resuming, skip or continue) one stage; returns its summary row."""
-    if stage.kind == CACHE_KIND:  # runs the teacher once and writes its cache (resumes it); trains nothing
-        return run_cache_stage(session, index, stage)
+    """Run one stage with the runner of its kind; returns its summary row."""
+    return KINDS[stage.kind].run(session, index, stage)
+
+
+def train_stage(session: Session, index: int, stage: StageConfig) -> dict:
+    """Run (or, when resuming, skip or continue) one training stage; returns its summary row."""
     stage_dir = session.stage_dir(stage.name)
     done = finished_stage(stage_dir)
     if done is not None:  # only with --resume (the run directory is checked when the session opens)
         return _skip(session, stage, done)
     t0 = time.time()
-    parts = build_stage(session, index, stage)
+    parts = build_stage(session, stage)
     start, elapsed, ckpt = _restore(session, stage, parts)
     session.log.truncate(stage.name, start)
     if session.dist.is_main:
@@ -81,12 +86,11 @@ def run_stage(session: Session, index: int, stage: StageConfig) -> dict:
     return _finish(session, stage, parts, last, elapsed + time.time() - t0)
 
 
-def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
+def build_stage(session: Session, stage: StageConfig) -> StageParts:
     """Student (from its previous stage), teacher, data and the DeepSpeed engine of a stage."""
     cfg, dist = session.cfg, session.dist
-    if stage.seed_as is not None:  # the same random draws as that stage (position-based seeds below)
-        index = [st.name for st in cfg.stages].index(stage.seed_as)
-    torch.manual_seed(cfg.run.seed + index)
+    seed = stage_seed_of(cfg, stage)  # from the stage's name (or seed_as's), not its position
+    torch.manual_seed(seed)
     model, processor = load_model(cfg.models[stage.model], session.latest.get(stage.model), dist.device)
     set_trainable(model, stage.trainable)
     patches = apply_patches(model, cfg.engine, dist.device)
@@ -99,7 +103,7 @@ def build_stage(session: Session, index: int, stage: StageConfig) -> StageParts:
     collator = LlavaCollator(processor.tokenizer.pad_token_id, model.config.image_token_id, n_img)
     if stage.teacher_cache is not None:  # verified and matched before any step; its rows come with the batches
         teacher, dataset, collator = open_stage_cache(session, stage, model, processor, dataset, collator)
-    plan = StepPlan.build(dataset, stage, dist, seed=cfg.run.seed + 1000 * index)
+    plan = StepPlan.build(dataset, stage, dist, seed=seed)
     objective = StudentObjective(model, stage.weights, stage.distill, n_img)
     engine = build_engine(objective, stage, plan, cfg.engine, dist)
     return StageParts(model, processor, teacher, share, dataset, collator, plan, engine, patches)

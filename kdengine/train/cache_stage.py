@@ -20,10 +20,14 @@ import time
 from kdengine.cache.manifest import CacheError, fingerprint, teacher_fingerprint
 from kdengine.cache.reader import CachedCollator, CachedTeacher, IndexedDataset, TeacherCacheReader
 from kdengine.cache.writer import write_teacher_cache
+from kdengine.data import LlavaCollator
+from kdengine.model import num_image_tokens
+from kdengine.train.batches import build_stage_dataset
+from kdengine.train.config import CACHE_KIND, cache_mismatch
+from kdengine.train.dist import barrier
+from kdengine.train.stage_models import load_model
 
-__all__ = ["cache_dir", "open_stage_cache", "run_cache_stage", "stage_fingerprint"]
-
-CACHE_KIND = "teacher_cache"
+__all__ = ["cache_dir", "check_stage_terms", "open_stage_cache", "run_cache_stage", "stage_fingerprint"]
 
 
 def cache_dir(cfg, name_or_path: str) -> str:
@@ -48,13 +52,8 @@ def stage_fingerprint(cfg, stage, processor, n_img: int) -> dict:
 
 
 def run_cache_stage(session, index: int, stage) -> dict:
-    """Write (or finish) the cache of a ``teacher_cache`` stage on the main rank; returns its summary row."""
-    from kdengine.data import LlavaCollator
-    from kdengine.model import num_image_tokens
-    from kdengine.train.batches import build_stage_dataset
-    from kdengine.train.dist import barrier
-    from kdengine.train.stage_models import load_model
-
+    """Write (or finish) the cache of a ``teacher_cache`` stage on the main rank; returns its summary row
+    (the runner of the kind, `kdengine.train.kinds.KINDS`)."""
     cfg, dist = session.cfg, session.dist
     out = cache_dir(cfg, stage.name)
     t0 = time.time()
@@ -78,8 +77,6 @@ def run_cache_stage(session, index: int, stage) -> dict:
 def open_stage_cache(session, stage, model, processor, dataset, collator):
     """(CachedTeacher, dataset, collator) of a dpt/dft stage reading ``stage.teacher_cache``: the cache
     verified and matched against the stage, the dataset and collator wrapped to carry its rows."""
-    from kdengine.model import num_image_tokens
-
     where = cache_dir(session.cfg, stage.teacher_cache)
     reader = TeacherCacheReader(where, verify="sha256")
     expected = stage_fingerprint(session.cfg, stage, processor, num_image_tokens(model))
@@ -98,17 +95,9 @@ def open_stage_cache(session, stage, model, processor, dataset, collator):
 
 
 def check_stage_terms(reader: TeacherCacheReader, stage) -> None:
-    """The stage's loss terms and divergence are ones the cache can give."""
-    m, w, d = reader.manifest, stage.weights, stage.distill
-    if m.mode != "topk":
-        return
-    if d.divergence != "forward_kl":
-        raise CacheError(f"stage {stage.name!r}: distill.divergence = {d.divergence!r} but teacher cache "
-                         f"{reader.directory!r} is top-k, which gives forward_kl only; expected forward_kl "
-                         f"(or a hidden-mode cache)")
-    if w.vis != 0 and m.rows == "response":
-        raise CacheError(f"stage {stage.name!r}: weights.vis = {w.vis} but teacher cache {reader.directory!r} holds "
-                         f"response positions only; expected weights.vis = 0")
-    if w.rel != 0 and not m.has_gram:
-        raise CacheError(f"stage {stage.name!r}: weights.rel = {w.rel} but teacher cache {reader.directory!r} holds "
-                         f"no teacher Gram matrices (RDist); expected weights.rel = 0")
+    """The stage's loss terms and divergence are ones the cache can give (`cache_mismatch`, also checked
+    at config load for a cache stage of the run or a cache directory already written)."""
+    m = reader.manifest
+    problem = cache_mismatch(stage, repr(reader.directory), m.mode, m.temperature, m.rows, m.has_gram)
+    if problem:
+        raise CacheError(f"stage {stage.name!r}: {problem}")

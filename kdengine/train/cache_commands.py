@@ -1,45 +1,26 @@
 """``kdengine teacher-cache``: write a stage's teacher cache alone, or import one from a server.
 
-    kdengine teacher-cache CONFIG --stage NAME [--set KEY=VALUE ...]
-        run the teacher_cache stage NAME of a training config (the teacher's weights come from
-        the earlier stages finished in run.output_dir, else from its model spec); resumes an
-        interrupted write.
-    kdengine teacher-cache import FILE.jsonl --config CONFIG --stage NAME --teacher-name NAME
-        convert per-position top-k log-probabilities (format: kdengine.cache.importer) into the
-        cache the dpt/dft stage NAME reads (its ``teacher_cache:`` path, or the cache stage it
-        names), with k, temperature and dtype from that cache stage's ``cache:`` settings or --k,
-        --temperature, --dtype.
-
-Only argparse is imported here; the run functions import the rest.
+The argparse part (and the usage) is `kdengine.cli`; these run functions load the config first
+(a config error comes before torch) and import the rest after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
-__all__ = ["add_teacher_cache"]
+from kdengine.cache.manifest import CacheError
+from kdengine.cache.settings import CacheSettings
+from kdengine.train.config import CACHE_KIND, ConfigError, load_config
+from kdengine.train.kinds import KINDS
 
-
-def add_teacher_cache(sub) -> None:
-    p = sub.add_parser("teacher-cache", help="write a teacher cache (hidden states or top-k) or import one",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="a training config (YAML), or 'import'")
-    p.add_argument("file", nargs="?", default=None, help="with import: the JSONL of top-k log-probabilities")
-    p.add_argument("--stage", required=True, help="the teacher_cache stage to run (import: the stage reading it)")
-    p.add_argument("--config", default=None, help="with import: the training config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--teacher-name", default=None, help="with import: what produced the log-probabilities")
-    p.add_argument("--k", type=int, default=None, help="with import: entries per position (default: cache settings)")
-    p.add_argument("--temperature", type=float, default=None, help="with import: their softmax temperature")
-    p.add_argument("--dtype", default=None, choices=("float16", "float32"), help="with import: stored dtype")
-    p.set_defaults(func=run_teacher_cache)
+__all__ = ["run_teacher_cache"]
 
 
 def run_teacher_cache(args: argparse.Namespace) -> int:
-    from kdengine.cache.manifest import CacheError
-    from kdengine.train.config import ConfigError
-
+    """Write (``args.target``: a config) or import (``args.target == "import"``) a cache; 2 on bad input."""
     try:
         if args.target == "import":
             return _import(args)
@@ -50,8 +31,6 @@ def run_teacher_cache(args: argparse.Namespace) -> int:
 
 
 def _find_stage(cfg, name: str):
-    from kdengine.train.config import ConfigError
-
     for i, st in enumerate(cfg.stages):
         if st.name == name:
             return i, st
@@ -59,15 +38,11 @@ def _find_stage(cfg, name: str):
 
 
 def _write(args) -> int:
-    import os
-
-    from kdengine.train.config import CACHE_KIND, ConfigError, load_config
-
     cfg = load_config(args.target, args.set)  # a config error comes before torch
     index, stage = _find_stage(cfg, args.stage)
     if stage.kind != CACHE_KIND:
         raise ConfigError(f"--stage {args.stage!r} is a {stage.kind!r} stage; expected a {CACHE_KIND} stage")
-    from kdengine.cache.stage import run_cache_stage
+    from kdengine.train.cache_stage import run_cache_stage
     from kdengine.train.checkpoint import finished_stage, model_dir
     from kdengine.train.session import close_session, open_session
 
@@ -77,7 +52,7 @@ def _write(args) -> int:
             if finished_stage(session.stage_dir(st.name)) is not None:
                 session.latest[st.model] = model_dir(session.stage_dir(st.name))
         missing = [st.name for st in cfg.stages[:index]
-                   if st.model == stage.model and st.kind != CACHE_KIND
+                   if st.model == stage.model and KINDS[st.kind].trains
                    and finished_stage(session.stage_dir(st.name)) is None]
         if missing:
             raise ConfigError(f"stage {stage.name!r} caches model {stage.model!r} after stages {missing}, which are "
@@ -90,9 +65,6 @@ def _write(args) -> int:
 
 
 def _import(args) -> int:
-    from kdengine.cache.settings import CacheSettings
-    from kdengine.train.config import CACHE_KIND, ConfigError, load_config
-
     if args.file is None or args.config is None or args.teacher_name is None:
         raise ConfigError("teacher-cache import needs FILE.jsonl, --config CONFIG, --stage NAME and --teacher-name")
     cfg = load_config(args.config, args.set)  # a config error comes before torch
@@ -100,7 +72,7 @@ def _import(args) -> int:
     if not getattr(stage, "teacher_cache", None):
         raise ConfigError(f"--stage {args.stage!r} reads no teacher cache; expected a dpt/dft stage with teacher_cache")
     from kdengine.cache.importer import import_topk_jsonl
-    from kdengine.cache.stage import cache_dir, stage_fingerprint
+    from kdengine.train.cache_stage import cache_dir, stage_fingerprint
     from kdengine.model import num_image_tokens
     from kdengine.train.batches import build_stage_dataset
     from kdengine.train.stage_models import load_model
@@ -127,11 +99,6 @@ def _check_synth_written(cfg, stage) -> None:
     """Raise ConfigError if a path of the stage's model or data lies under ``synth.out`` and is not
     written yet: ``kdengine train`` and ``kdengine teacher-cache CONFIG`` write the synthetic data
     (tokenizer included) when they start; import does not, so its line gives the command that does."""
-    import os
-    import shlex
-
-    from kdengine.train.config import ConfigError
-
     synth = cfg.synth
     if synth is None or os.path.isfile(os.path.join(synth.out, "meta.json")):
         return
