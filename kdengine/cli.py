@@ -192,8 +192,56 @@ def _add_teacher_cache(sub) -> None:
     p.set_defaults(func=_run_teacher_cache)
 
 
+def _run_plan(args: argparse.Namespace) -> int:
+    from kdengine.plan.gpus import parse_gpu
+    from kdengine.train.config import load_config, read_deepspeed_json, zero_stage
+
+    gpu = parse_gpu(args.gpu) if args.gpu else None  # a bad --gpu and a bad config say so before torch
+    if args.world_size < 1:
+        raise ValueError(f"--world-size {args.world_size}: expected an integer >= 1")
+    cfg = load_config(args.config, args.set, world_size=args.world_size, check_paths=False)
+    import json
+
+    from kdengine.plan.estimate import Setup
+    from kdengine.plan.report import format_plan, plan_config
+
+    engine = cfg.engine
+    ds = read_deepspeed_json(engine.deepspeed_config).get("zero_optimization", {}) if engine.deepspeed_config else {}
+    setup = Setup(device=args.device, world_size=args.world_size, zero=zero_stage(engine), ds=ds,
+                  checkpointing=engine.activation_checkpointing, shard_teacher=engine.shard_teacher)
+    rows = plan_config(cfg, setup, gpu[1] if gpu else None)
+    if args.json:
+        print(json.dumps({"device": setup.device, "world_size": setup.world_size, "zero_stage": setup.zero,
+                          "gpu": gpu[0] if gpu else None, "gpu_bytes": gpu[1] if gpu else None,
+                          "predicted": True, "stages": rows}, indent=1))
+    else:
+        print(format_plan(rows, setup, gpu))
+    return 0
+
+
+def _add_plan(sub) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="will it fit? per-stage predicted peak memory of a training config on a GPU (no weights loaded)",
+        description="Predict each stage's peak memory per rank: parameters, gradients and optimizer states under "
+        "the configured ZeRO stage, the teacher, and one training step run on the meta device (activations, "
+        "losses) with and without activation checkpointing; then a verdict against --gpu.",
+    )
+    plan.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny pipeline)")
+    plan.add_argument("--gpu", default=None, help="a GPU name (A100-40GB, A100-80GB, H100-80GB, H200-141GB, L4-24GB, "
+                      "RTX4090-24GB, MI300X-192GB) or a size such as 24GB")
+    plan.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (ZeRO shards over them)")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                      help="cuda: bf16 on GPUs with DeepSpeed (default); cpu: fp32, as kdengine train on a CPU")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value as in kdengine train, e.g. "
+                      "--set models.teacher.language_model=configs/models/Qwen1.5-4B (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_run_plan)
+
+
 # One adder per top-level command; train / eval / demo go here.
-COMMANDS = (_add_data, _add_eval, _add_train, _add_demo, _add_teacher_cache)
+COMMANDS = (_add_data, _add_eval, _add_train, _add_demo, _add_plan, _add_teacher_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +264,10 @@ def _user_errors(command: str) -> dict[type[Exception], str]:
                   ("kdengine.cache.manifest", "CacheError"): "error"}
         return {getattr(sys.modules[module], name): label for (module, name), label in errors.items()
                 if module in sys.modules}
+    if command == "plan":
+        from kdengine.train.config import ConfigError
+
+        return {ConfigError: "config error", ValueError: "error"}
     if command in ("data", "eval"):
         return {ValueError: "error", FileNotFoundError: "error"}
     return {}
