@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kdengine.plan.models import PlanError, build_meta_model
+from kdengine.train.kinds import CACHE_KIND
 
 __all__ = ["ALLOWANCE_BYTES", "FRAGMENTATION", "Setup", "StagePlan", "plan_stage", "plan_stages", "peak_of"]
 
@@ -97,7 +98,7 @@ class _Stage:
                                 f"teacher_cache stage of this config to plan it")
             self.teacher_name, self.cache = source[0].model, source[0].cache
         self.teacher = None
-        if self.teacher_name is not None and stage.kind != "teacher_cache":
+        if self.teacher_name is not None and stage.kind != CACHE_KIND:
             self.teacher = build_meta_model(cfg.models[self.teacher_name], f"models.{self.teacher_name}", synth,
                                             setup.dtype)
         ds = cfg.datasets[stage.data]
@@ -123,7 +124,7 @@ class _Stage:
 
         stage, s = self.stage, self.student
         batch = synthetic_batch(micro_batch, self.length, s.num_image_tokens, s.image_size, s.image_token_id)
-        if stage.kind == "teacher_cache":
+        if stage.kind == CACHE_KIND:
             s.model.eval().requires_grad_(False)
             teacher = Teacher(s.model, None, s.model.get_output_embeddings().weight.detach())
             return run_step(None, batch, teacher, target=self.setup.device)
@@ -199,7 +200,7 @@ def peak_of(st: _Stage, micro_batch: int, checkpointing: bool, zero: int, teache
     w, b = setup.world_size, (2 if setup.dtype == torch.bfloat16 else 4)
     cuda = setup.device == "cuda"
     plan = StagePlan(stage.name, stage.kind, micro_batch, st.length, notes=list(st.notes))
-    if stage.kind == "teacher_cache":
+    if stage.kind == CACHE_KIND:
         plan.frozen_params = _params(st.student.model)[1]
         run = st.run(micro_batch, False, "none", False)
         plan.parts = {"frozen teacher weights": plan.frozen_params * b, "teacher forward (no grad)": run.peak}
@@ -253,9 +254,9 @@ def plan_stage(cfg, stage, setup: Setup, loss_budget: bool = True) -> tuple[Stag
     """The configured plan of one stage, its step with and without checkpointing, and its per-sample slope."""
     st = _Stage(cfg, stage, setup)
     mode = st.teacher_mode()
-    mb = stage.cache.batch_size if stage.kind == "teacher_cache" else stage.micro_batch_size
+    mb = stage.cache.batch_size if stage.kind == CACHE_KIND else stage.micro_batch_size
     plan = peak_of(st, mb, setup.checkpointing, setup.zero, mode)
-    if stage.kind != "teacher_cache":
+    if stage.kind != CACHE_KIND:
         drop = setup.zero >= 2
         plan.step_peak = {"checkpointing": st.run(mb, True, mode, drop).peak,
                           "no checkpointing": st.run(mb, False, mode, drop).peak}
