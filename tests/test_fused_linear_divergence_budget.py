@@ -222,3 +222,22 @@ def test_bad_env_budget_names_the_variable(raw, match, monkeypatch):
 def test_bad_ce_weight(value):
     with pytest.raises(ValueError, match=r"ce_weight=.*expected a finite number"):
         fused_linear_divergence(*_small(), impl="torch", ce_weight=value)
+
+
+@pytest.mark.parametrize("w_hard,w_soft", [(0.3, 0.7), (0.0, 1.0), (1.0, 0.0)])
+def test_liger_compat_loss_uses_the_gradient_formed_in_the_forward(w_hard, w_soft, caplog):
+    """kdengine.compat.liger passes its mean as weight= and w_hard / w_soft as ce_weight: no recomputation
+    (w_soft = 0 leaves no divergence share to scale: that one recomputes) and the reference's gradient."""
+    from kdengine.compat.liger import fused_linear_jsd
+
+    caplog.set_level(logging.DEBUG, logger="kdengine.losses")
+    (xs, ws, bs), (xt, wt, bt), labels, _ = make(torch.float64)
+    grads = {}
+    for impl in ("reference", "torch"):
+        xs.grad = ws.grad = None
+        fused_linear_jsd(xs, ws, xt, wt, labels, weight_hard_loss=w_hard, weight_soft_loss=w_soft, beta=0.3,
+                         temperature=1.3, impl=impl).backward()
+        grads[impl] = (xs.grad.clone(), ws.grad.clone())
+    assert ("recomputing" in caplog.text) == (w_soft == 0.0)
+    for g, r in zip(grads["torch"], grads["reference"]):
+        assert_close("liger compat grad", g, r, torch.float64)
