@@ -93,8 +93,11 @@ def old_objective(student, teacher, w, settings):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("weights", [LossWeights(ce=1.0, res=0.7, vis=1.3, rel=0), LossWeights(ce=0.0, res=1, vis=0, rel=0),
-                                     LossWeights(ce=2.5, res=0, vis=0.4, rel=0)], ids=["all", "no_ce_no_vis", "vis_only"])
+@pytest.mark.parametrize("weights", [
+    LossWeights(ce=1.0, res=0.7, vis=1.3, rel=0),
+    LossWeights(ce=0.0, res=1, vis=0, rel=0),
+    LossWeights(ce=2.5, res=0, vis=0.4, rel=0),
+], ids=["all", "no_ce_no_vis", "vis_only"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_scalar_objective_equals_the_per_row_formulation(divergence, weights, schedule, monkeypatch, caplog):
     """Weights moved into weight= and a sum reduction: the logged terms, the loss and the gradients equal

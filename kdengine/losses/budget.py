@@ -13,6 +13,10 @@ Two schedules of ``fused_linear_divergence`` (torch path):
     streaming  [rows, cols] blocks of logits recomputed in the backward (the budget sets the block
                width); for smaller budgets and reduction="none".
 A budget below the smallest streaming block is a ValueError.
+Not counted in the budget: the gradients themselves. With 16-bit inputs they are accumulated in fp32
+([N, Ds], [V, Ds], [V]) and cast at the end, an accumulator beyond the weight's own gradient (as
+streaming does); with fp32 or float64 inputs the accumulator is the returned gradient. The row-chunk
+schedule holds them from the forward to the backward.
 A leaf module: plain arithmetic on sizes, no kdengine imports.
 """
 
