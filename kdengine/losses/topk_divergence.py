@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdengine.losses.budget import DEFAULT_BUDGET_MB_CPU, check_budget, resolve_budget_mb
 from kdengine.losses.checks import (
     IGNORE_INDEX,
     ROW_REDUCTIONS,
@@ -23,7 +24,6 @@ from kdengine.losses.checks import (
     check_vector,
     resolve_impl,
 )
-from kdengine.losses.budget import DEFAULT_BUDGET_MB_CPU, check_budget, resolve_budget_mb
 from kdengine.losses.divergences import compute_dtype
 from kdengine.losses.settings import TOPK_TAILS as TAILS
 from kdengine.losses.topk_rows import PAD_ID
