@@ -11,8 +11,10 @@ F.log_softmax(z_t / T), log_target=True, reduction="batchmean") plus F.cross_ent
 the Gram matrices of the full logits and one cosine); "reference" is kdengine's generic materialising
 impl="reference" (the test oracle). Ratios are against "plain". Times are also reported as multiples
 of the GEMM floor measured in the same run: the unavoidable matmuls (teacher logits, student logits,
-dX, and dW for a trainable head). On CPU a bounded-memory head recomputes the lm_head GEMMs, so expect
-its win to be memory at a similar speed; speed claims are for the GPU (triton.testing.do_bench there).
+dX, and dW for a trainable head). The torch path runs twice: at its default memory budget (512 MB on
+CPU: row chunks, the four GEMMs once each) and at budget_mb=32 (streaming: bounded blocks, the lm_head
+GEMMs recomputed); the schedule each took and its chunk rows C (or block shape) are in the impl column,
+e.g. "torch[row_chunk C=256]" or "torch[streaming 512x2560]" (kdengine/losses/budget.py).
 Rows are appended to benchmarks/results/losses.csv with device, versions, commit and date.
 """
 
@@ -114,9 +116,7 @@ def divergence_step(spec):
         def loss():
             return loss_fn(xs, ws, xt, wt, labels)
     else:
-        kw = dict(impl=impl, labels=labels)
-        if impl == "torch":
-            kw.update(block_mb=spec.get("block_mb"), cache_mb=spec.get("cache_mb"))
+        kw = dict(impl=impl, labels=labels, budget_mb=spec.get("budget_mb"))
 
         def loss():
             div, ce = fused_linear_divergence(xs, ws, xt, wt, **kw)
@@ -129,6 +129,16 @@ def divergence_step(spec):
         return grad_bytes
 
     return step
+
+
+def schedule_label(spec) -> str:
+    """The torch path's schedule for this row, as it will log it: "row_chunk C=<rows>" or "streaming <rows>x<cols>"."""
+    from kdengine.losses.budget import choose_schedule, resolve_budget_mb
+
+    budget, _ = resolve_budget_mb(spec.get("budget_mb"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    elem = 8 if spec.get("dtype") == "float64" else 4
+    s = choose_schedule(spec["n"], spec["v"], spec["v"], spec["ds"] + spec["dt"], elem, budget, "mean")
+    return f"row_chunk C={s.rows}" if s.kind == "row_chunk" else f"streaming {s.rows}x{s.cols}"
 
 
 def gram_step(spec):
@@ -164,7 +174,8 @@ def main(argv=None):
     size.add_argument("--quick", action="store_true", help="smaller shape (N=256, V=32768)")
     size.add_argument("--tiny", action="store_true", help="toy shape (N=32, V=512): a check that every row runs")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache-mb", type=float, default=700.0, help="logits cache budget for the 'torch+cache' row")
+    ap.add_argument("--stream-mb", type=float, default=32.0,
+                    help="budget_mb of the torch path's streaming row (default 32: today's streaming blocks)")
     ap.add_argument("--no-liger", action="store_true")
     ap.add_argument("--no-gram", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -176,19 +187,21 @@ def main(argv=None):
     info = env_info()
     cuda = torch.cuda.is_available()
     base = dict(kind="div", dtype="float32", repeats=args.repeats, **shape)
+    stream = {"budget_mb": args.stream_mb}
     runs = [("floor4", False, {}), (BASELINE, False, {}), ("reference", False, {}), ("torch", False, {}),
-            ("torch", False, {"cache_mb": args.cache_mb})]
+            ("torch", False, stream)]
     if not args.no_liger:
         runs.append(("liger", False, {}))
     if cuda:
         runs.append(("triton", False, {}))
-    runs += [("floor3", True, {}), (BASELINE, True, {}), ("reference", True, {}), ("torch", True, {})]
+    runs += [("floor3", True, {}), (BASELINE, True, {}), ("reference", True, {}), ("torch", True, {}),
+             ("torch", True, stream)]
     rows = []
     floors = {}
     for impl, frozen, extra in runs:
         spec = dict(base, impl=impl, frozen=frozen, **extra)
         res = run_isolated("benchmarks.losses", spec)
-        name = impl + ("+cache" if extra.get("cache_mb") else "")
+        name = impl + (f"[{schedule_label(spec)}]" if impl == "torch" else "")
         head = "frozen" if frozen else "trainable"
         if impl.startswith("floor"):
             floors[head] = res["ms"]
@@ -197,7 +210,7 @@ def main(argv=None):
                    dtype="float32", ms=res["ms"], x_floor=res["ms"] / floors[head],
                    work_mb=res["work_mb"] if not impl.startswith("floor") else None, **info)
         rows.append(row)
-        print(f"  {head:9s} {name:12s} {res['ms']:9.1f} ms  {row['x_floor']:.2f}x floor  "
+        print(f"  {head:9s} {name:28s} {res['ms']:9.1f} ms  {row['x_floor']:.2f}x floor  "
               f"work {row['work_mb'] or 0:.0f} MB", flush=True)
     if not args.no_gram:
         for impl in (BASELINE, "reference", "torch") + (("triton",) if cuda else ()):

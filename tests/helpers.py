@@ -30,3 +30,31 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
         rows = ", ".join(f"{i}: got {float(got.detach().double()[i]):.6g} ref {float(ref.double()[i]):.6g}" for i in idx)
         raise AssertionError(f"{name}: normalised error {err:.3e} > tol {tol:.3e} "
                              f"(same-dtype torch error {base_err:.3e}); worst {rows}")
+
+
+# The torch path of fused_linear_divergence has two schedules (kdengine/losses/budget.py). Tests run both:
+SCHEDULES = ("row_chunk", "streaming")
+
+
+def budget_for(schedule: str, n: int, dtype: torch.dtype = torch.float32):
+    """budget_mb that selects ``schedule`` at the tests' small sizes (V of a few hundred or more):
+    the default (512 MB) holds every row's logits; the smallest legal budget, one streaming block of
+    min(N, 1024) rows x 256 columns x 6 temporaries, holds no row chunk."""
+    if schedule == "row_chunk":
+        return None
+    elem = 8 if dtype == torch.float64 else 4
+    return max(min(n, 1024), 1) * 256 * 6 * elem / 2**20 * 1.001
+
+
+def schedules_taken(caplog) -> list[str]:
+    """The schedules the torch path logged (caplog at DEBUG for kdengine.losses)."""
+    return [r.args[0] for r in caplog.records if r.msg.startswith("fused_linear_divergence torch path")]
+
+
+def force_streaming(monkeypatch) -> None:
+    """Make the torch path stream at any size (tiny vocabularies fit a row chunk in every legal budget):
+    its schedule is chosen as for reduction="none"."""
+    import kdengine.losses.fused_linear_divergence_torch as fld
+
+    real = fld.choose_schedule
+    monkeypatch.setattr(fld, "choose_schedule", lambda *a: real(*a[:6], "none", *a[7:]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import SCHEDULES, assert_close, budget_for
 
 from kdengine.losses import DIVERGENCES, fused_linear_divergence
 
@@ -84,8 +84,9 @@ def test_masked_teacher_entries_keep_a_finite_floor():
         assert torch.isfinite(out).all(), impl
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_float64_in_float64_out_gradcheck(divergence):
+def test_float64_in_float64_out_gradcheck(divergence, schedule):
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(301, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -96,7 +97,8 @@ def test_float64_in_float64_out_gradcheck(divergence):
 
     def f(xs, ws, bs):
         div, ce = fused_linear_divergence(xs, ws, xt, wt, divergence=divergence, temperature=1.3, labels=labels,
-                                          impl="torch", block_mb=0.001, student_bias=bs)
+                                          impl="torch", budget_mb=budget_for(schedule, 5, torch.float64),
+                                          student_bias=bs)
         assert div.dtype == torch.float64 and ce.dtype == torch.float64
         return div, ce
 
@@ -115,7 +117,7 @@ def test_triton_refuses_float64():
         fused_linear_divergence(xs, ws, xt, wt, impl="triton")
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "triton", "reference"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable_head", "frozen_head"])
 def test_bias_matches_reference(impl, divergence, frozen):
@@ -125,16 +127,18 @@ def test_bias_matches_reference(impl, divergence, frozen):
     bs, bt = torch.randn(V, generator=g), torch.randn(V - 10, generator=g)
     labels = torch.randint(0, V, (N,), generator=g)
 
-    def run(dtype, impl):
+    def run(dtype, impl, budget=None):
         a = xs.to(dtype).requires_grad_(True)
         w = ws.to(dtype).requires_grad_(not frozen)
         b = bs.to(dtype).requires_grad_(not frozen)
         div, ce = fused_linear_divergence(a, w, xt.to(dtype), wt.to(dtype), divergence=divergence, labels=labels,
-                                          impl=impl, student_bias=b, teacher_bias=bt.to(dtype), block_mb=0.05)
+                                          impl=impl, student_bias=b, teacher_bias=bt.to(dtype), budget_mb=budget)
         (div * 1.3 + ce * 0.7).backward()
         return [div, ce, a.grad] + ([] if frozen else [w.grad, b.grad])
 
-    ref, base, got = run(torch.float64, "reference"), run(torch.float32, "reference"), run(torch.float32, impl)
+    budget = budget_for("streaming" if impl == "torch_streaming" else "row_chunk", N)  # N=29: 0.17 MB
+    ref, base = run(torch.float64, "reference"), run(torch.float32, "reference")
+    got = run(torch.float32, impl.replace("_streaming", ""), budget)
     for i, (g_, r, b) in enumerate(zip(got, ref, base)):
         assert_close(f"{impl} bias output {i}", g_, r, torch.float32, base=b)
 

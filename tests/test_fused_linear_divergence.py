@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close
+import logging
+
+from helpers import SCHEDULES, assert_close, budget_for, force_streaming, schedules_taken
 
 from kdengine.losses import DIVERGENCES, fused_linear_divergence
 from kdengine.losses.divergences import BETA_DIVERGENCES
@@ -61,14 +63,14 @@ def make_inputs(case: Case, dtype, seed=0, scale=1.0):
     return [t.to(dtype) for t in (xs, ws, xt, wt)], weight, labels, grad_out, grad_ce
 
 
-def run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtype, frozen=False):
+def run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtype, frozen=False, budget_mb=None):
     xs, ws, xt, wt = [t.detach().to(dtype) for t in tensors]
     xs.requires_grad_(True)
     ws.requires_grad_(not frozen)
     beta = case.beta if divergence in BETA_DIVERGENCES else None  # the others take no beta
     out = fused_linear_divergence(xs, ws, xt, wt, divergence=divergence, beta=beta,
                                   temperature=case.temperature, weight=weight, labels=labels,
-                                  reduction=case.reduction, impl=impl)
+                                  reduction=case.reduction, impl=impl, budget_mb=budget_mb)
     div, ce = out if labels is not None else (out, None)
     total = (div * grad_out.to(div.dtype)).sum()
     if ce is not None:
@@ -77,11 +79,11 @@ def run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtyp
     return div.detach(), (ce.detach() if ce is not None else None), xs.grad, ws.grad
 
 
-def check_against_reference(impl, case, divergence, dtype, frozen=False):
+def check_against_reference(impl, case, divergence, dtype, frozen=False, budget_mb=None):
     tensors, weight, labels, grad_out, grad_ce = make_inputs(case, dtype)
     ref = run("reference", tensors, weight, labels, grad_out, grad_ce, case, divergence, torch.float64, frozen)
     base = run("reference", tensors, weight, labels, grad_out, grad_ce, case, divergence, dtype, frozen)
-    got = run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtype, frozen)
+    got = run(impl, tensors, weight, labels, grad_out, grad_ce, case, divergence, dtype, frozen, budget_mb)
     for name, g, r, b in zip(("div", "ce", "dX", "dW"), got, ref, base):
         if r is None:
             assert g is None, f"{name} should be None"
@@ -90,18 +92,24 @@ def check_against_reference(impl, case, divergence, dtype, frozen=False):
         assert_close(f"{impl}/{divergence}/{case}/{name}", g, r, dtype, b)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_torch_matches_reference(divergence, case, dtype):
-    check_against_reference("torch", case, divergence, dtype)
+def test_torch_matches_reference(divergence, case, dtype, schedule, caplog):
+    caplog.set_level(logging.DEBUG, logger="kdengine.losses")
+    check_against_reference("torch", case, divergence, dtype, budget_mb=budget_for(schedule, case.n))
+    # reduction="none" has no scalar loss to form the gradient of: it streams whatever the budget
+    assert schedules_taken(caplog) == ["streaming" if case.reduction == "none" else schedule]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("case", CASES[:3], ids=str)
-def test_torch_frozen_head_matches_reference(divergence, case):
-    """Frozen student head (DPT): only dX, through the eager single pass for forward_kl."""
-    check_against_reference("torch", case, divergence, torch.float32, frozen=True)
+def test_torch_frozen_head_matches_reference(divergence, case, schedule):
+    """Frozen student head (DPT): only dX; streaming takes the eager single pass for forward_kl."""
+    check_against_reference("torch", case, divergence, torch.float32, frozen=True,
+                            budget_mb=budget_for(schedule, case.n))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,9 +124,11 @@ def test_triton_fp16_and_frozen_head():
     check_against_reference("triton", TRITON_CASES[3], "jsd", torch.float32, frozen=True)
 
 
-@pytest.mark.parametrize("block_mb,cache_mb", [(0.01, 0.0), (0.01, 0.05), (0.01, 100.0), (64.0, 100.0)])
-def test_torch_block_and_cache_settings_agree(block_mb, cache_mb):
-    """Many small blocks, a partial logits cache and a full cache all give the reference answer."""
+@pytest.mark.parametrize("budget_mb", [0.42, 2.0, 3.5, None])
+def test_torch_budgets_agree(budget_mb, caplog):
+    """Streaming with the smallest and wider blocks, one row chunk per call and the default budget all
+    give the reference answer (N=70: a streaming block needs 0.41 MB, a chunk of all rows 3.4 MB)."""
+    caplog.set_level(logging.DEBUG, logger="kdengine.losses")
     case = Case("blocks", n=70, labels=True, temperature=1.3)
     tensors, weight, labels, grad_out, grad_ce = make_inputs(case, torch.float32)
     ref = run("reference", tensors, weight, labels, grad_out, grad_ce, case, "jsd", torch.float64)
@@ -126,18 +136,22 @@ def test_torch_block_and_cache_settings_agree(block_mb, cache_mb):
     xs.requires_grad_(True)
     ws.requires_grad_(True)
     div, ce = fused_linear_divergence(xs, ws, xt, wt, divergence="jsd", temperature=1.3, labels=labels,
-                                      impl="torch", block_mb=block_mb, cache_mb=cache_mb)
+                                      impl="torch", budget_mb=budget_mb)
     (div * grad_out + ce * grad_ce).backward()
     for name, g, r in zip(("div", "ce", "dX", "dW"), (div, ce, xs.grad, ws.grad), ref):
-        assert_close(f"blocks{block_mb}/cache{cache_mb}/{name}", g, r, torch.float32)
+        assert_close(f"budget{budget_mb}/{name}", g, r, torch.float32)
+    assert schedules_taken(caplog) == ["streaming" if budget_mb is not None and budget_mb < 3 else "row_chunk"]
 
 
 # ----------------------------------------------------------------------------------------------
 # edge cases and numerics
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "triton", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_empty_batch_gives_zero_loss_and_grads(impl, reduction):
+def test_empty_batch_gives_zero_loss_and_grads(impl, reduction, monkeypatch):
+    if impl == "torch_streaming":
+        force_streaming(monkeypatch)
+        impl = "torch"
     xs = torch.randn(0, 16, requires_grad=True)
     ws = torch.randn(50, 16, requires_grad=True)
     div, ce = fused_linear_divergence(xs, ws, torch.randn(0, 8), torch.randn(50, 8), labels=torch.zeros(0, dtype=torch.long),
@@ -149,8 +163,11 @@ def test_empty_batch_gives_zero_loss_and_grads(impl, reduction):
     assert ws.grad is None or (torch.isfinite(ws.grad).all() and ws.grad.abs().max() == 0)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_all_labels_ignored_gives_zero_ce(impl):
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "triton"])
+def test_all_labels_ignored_gives_zero_ce(impl, monkeypatch):
+    if impl == "torch_streaming":
+        force_streaming(monkeypatch)
+        impl = "torch"
     case = Case("ignored", n=9, v=60, vt=60, labels=True)
     (xs, ws, xt, wt), _, _, _, _ = make_inputs(case, torch.float32)
     xs.requires_grad_(True)
@@ -159,11 +176,14 @@ def test_all_labels_ignored_gives_zero_ce(impl):
     assert float(ce.detach()) == 0.0 and xs.grad.abs().max() == 0
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_extreme_logits_are_finite(impl, dtype, divergence):
+def test_extreme_logits_are_finite(impl, dtype, divergence, monkeypatch):
     """Logits of magnitude ~1e4 in every dtype: finite loss, CE and gradients."""
+    if impl == "torch_streaming":
+        force_streaming(monkeypatch)
+        impl = "torch"
     n, d, v = 6, 4, 40
     g = torch.Generator().manual_seed(1)
     xs = (torch.randn(n, d, generator=g) * 100).to(dtype).requires_grad_(True)
@@ -177,10 +197,12 @@ def test_extreme_logits_are_finite(impl, dtype, divergence):
         assert torch.isfinite(t.float()).all(), f"{name} not finite: {t}"
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "triton", "reference"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_masked_teacher_vocab_is_finite_and_matches_reference(impl, divergence):
+def test_masked_teacher_vocab_is_finite_and_matches_reference(impl, divergence, monkeypatch):
     """Teacher logits of -inf (masked vocabulary) give finite values that agree across impls."""
+    if impl == "torch_streaming":
+        force_streaming(monkeypatch)
     n, d, v = 8, 6, 70
     g = torch.Generator().manual_seed(2)
     xs = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -200,15 +222,18 @@ def test_masked_teacher_vocab_is_finite_and_matches_reference(impl, divergence):
         return out.detach(), a.grad, b.grad
 
     ref = go("reference", torch.float64)
-    got = go(impl, torch.float32)
+    got = go(impl.replace("_streaming", ""), torch.float32)
     for name, x, r in zip(("div", "dX", "dW"), got, ref):
         assert_close(f"masked/{impl}/{divergence}/{name}", x, r, torch.float32)
 
 
-def test_temperature_has_no_t_squared_factor():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_temperature_has_no_t_squared_factor(schedule, monkeypatch):
     """Documented convention: the loss is the plain divergence at temperature T (no T^2)."""
     case = Case("t", n=5, v=30, vt=30)
     (xs, ws, xt, wt), _, _, _, _ = make_inputs(case, torch.float64)
+    if schedule == "streaming":
+        force_streaming(monkeypatch)
     t = 3.0
     p_t = torch.softmax(xt @ wt.T / t, -1)
     log_p_s = torch.log_softmax(xs @ ws.T / t, -1)
@@ -217,7 +242,10 @@ def test_temperature_has_no_t_squared_factor():
     assert abs(float(got) - float(expected)) < 1e-6
 
 
-def test_weight_is_applied_before_mean_over_n():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_weight_is_applied_before_mean_over_n(schedule, monkeypatch):
+    if schedule == "streaming":
+        force_streaming(monkeypatch)
     case = Case("w", n=6, v=30, vt=30)
     (xs, ws, xt, wt), _, _, _, _ = make_inputs(case, torch.float64)
     w = torch.tensor([0.0, 1.0, 2.0, 0.0, 0.5, 1.0], dtype=torch.float64)
@@ -227,7 +255,7 @@ def test_weight_is_applied_before_mean_over_n():
 
 
 def test_frozen_head_does_no_weight_gradient_work(monkeypatch):
-    """A frozen student head takes the single-pass eager path: backward does no logits work at all."""
+    """Streaming: a frozen student head takes the single-pass eager path, backward does no logits work."""
     fld = importlib.import_module("kdengine.losses.fused_linear_divergence_torch")
 
     calls = {"grad": 0}
@@ -241,10 +269,11 @@ def test_frozen_head_does_no_weight_gradient_work(monkeypatch):
     case = Case("frozen", n=10, v=300, vt=300)
     (xs, ws, xt, wt), _, _, _, _ = make_inputs(case, torch.float32)
     xs.requires_grad_(True)
-    fused_linear_divergence(xs, ws, xt, wt, impl="torch", block_mb=0.01).backward()
+    budget = budget_for("streaming", case.n)
+    fused_linear_divergence(xs, ws, xt, wt, impl="torch", budget_mb=budget).backward()
     assert calls["grad"] == 0 and ws.grad is None and xs.grad is not None
     ws.requires_grad_(True)
-    fused_linear_divergence(xs, ws, xt, wt, impl="torch", block_mb=0.01).backward()
+    fused_linear_divergence(xs, ws, xt, wt, impl="torch", budget_mb=budget).backward()
     assert calls["grad"] > 0 and ws.grad is not None
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from kdengine.losses import DistillSettings, LossWeights, linear_cross_entropy, llava_kd_loss
+from helpers import SCHEDULES, force_streaming
+
+from kdengine.losses import DistillSettings, LossWeights, fused_linear_divergence, linear_cross_entropy, llava_kd_loss
 
 
 @dataclass
@@ -53,8 +56,11 @@ def naive(student, teacher, w, temperature, p):
     return w.ce * ce + w.res * kl(resp) + w.vis * kl(vis) + w.rel * rel
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
-def test_objective_matches_full_logits(impl):
+@pytest.mark.parametrize("impl", ["torch", "torch_streaming", "reference"])
+def test_objective_matches_full_logits(impl, monkeypatch):
+    if impl == "torch_streaming":
+        force_streaming(monkeypatch)
+        impl = "torch"
     student, teacher = make_batch()
     w = LossWeights(ce=1.0, res=0.7, vis=1.3, rel=0.5)
     total, terms = llava_kd_loss(student, teacher, w, DistillSettings(temperature=1.5, impl=impl), num_image_tokens=4)
@@ -68,6 +74,54 @@ def test_objective_matches_full_logits(impl):
     assert abs(float(terms["loss"]) - float(expected)) < 1e-5
     for g, r in zip(got, (student.hidden.grad, student.lm_head_weight.grad)):
         assert (g - r).abs().max() < 1e-5 * r.abs().max()
+
+
+def old_objective(student, teacher, w, settings):
+    """The objective as llava_kd_loss computed it before the scalar reduction (per-row divergences weighted
+    outside the op), without RDist, with the float64 reference op: (total, ce, res, vis)."""
+    resp, vis = student.response_mask, student.visual_mask
+    rows = resp | vis if w.vis != 0 else resp
+    is_resp = resp[rows]
+    labels = torch.where(is_resp, student.next_labels[rows], -100)
+    div_rows, ce = fused_linear_divergence(
+        student.hidden[rows], student.lm_head_weight, teacher.hidden[rows].detach(),
+        teacher.lm_head_weight.detach(), divergence=settings.divergence, beta=settings.beta,
+        temperature=settings.temperature, labels=labels, reduction="none", impl="reference")
+    l_res = torch.where(is_resp, div_rows, 0.0).sum() / is_resp.sum().clamp_min(1)
+    l_vis = torch.where(is_resp, 0.0, div_rows).sum() / (~is_resp).sum().clamp_min(1)
+    return w.ce * ce + w.res * l_res + w.vis * l_vis, ce, l_res, l_vis
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("weights", [
+    LossWeights(ce=1.0, res=0.7, vis=1.3, rel=0),
+    LossWeights(ce=0.0, res=1, vis=0, rel=0),
+    LossWeights(ce=2.5, res=0, vis=0.4, rel=0),
+], ids=["all", "no_ce_no_vis", "vis_only"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_scalar_objective_equals_the_per_row_formulation(divergence, weights, schedule, monkeypatch, caplog):
+    """Weights moved into weight= and a sum reduction: the logged terms, the loss and the gradients equal
+    the old per-row formulation; the row-chunk schedule uses the gradient formed in its forward."""
+    caplog.set_level(logging.DEBUG, logger="kdengine.losses")
+    if schedule == "streaming":
+        force_streaming(monkeypatch)
+    settings = DistillSettings(divergence=divergence, temperature=1.5, impl="torch")
+    student, teacher = make_batch(seed=3)
+    total, terms = llava_kd_loss(student, teacher, weights, settings)
+    (2.0 * total).backward()
+    got = [student.hidden.grad.clone(), student.lm_head_weight.grad.clone()]
+    student.hidden.grad = student.lm_head_weight.grad = None
+    old_total, old_ce, old_res, old_vis = old_objective(student, teacher, weights, settings)
+    (2.0 * old_total).backward()
+    for name, old in (("loss", old_total), ("ce", old_ce), ("res", old_res), ("vis", old_vis)):
+        if name in terms:
+            # the logged terms are fp32 (detach().float()), as before
+            assert abs(float(terms[name]) - float(old)) <= 1e-6 * max(1.0, abs(float(old))), (name, terms[name], old)
+    assert set(terms) == {"loss", "ce", "res", "vis"} and not any(t.requires_grad for t in terms.values())
+    assert abs(float(total) - float(old_total)) <= 1e-12 * abs(float(old_total))
+    for g, r in zip(got, (student.hidden.grad, student.lm_head_weight.grad)):
+        assert (g - r).abs().max() <= 1e-10 * r.abs().max()
+    assert "recomputing" not in caplog.text  # grad_ce / grad_div was ce_weight: no second logits pass
 
 
 def test_ce_only_stage_matches_cross_entropy():

@@ -25,8 +25,9 @@ Deliberate differences (documented in the README section "Coming from Liger or T
 * Bad input raises ``ValueError`` naming the argument (Liger: ``math domain error`` for a beta
   outside [0, 1], shape errors from deep inside for a wrong bias or label length; it accepts a
   negative temperature).
-* ``compiled`` and ``chunk_size`` are accepted and unused: the torch path bounds its blocks by
-  ``block_mb``, the Triton path by its tile sizes.
+* ``compiled`` and ``chunk_size`` are accepted and unused: the torch path sizes its row chunks or
+  blocks by its memory budget (``budget_mb``, env ``KDENGINE_LOSS_BUDGET_MB``), the Triton path by
+  its tile sizes.
 * The loss is a float32 tensor for 16-bit and float32 inputs (as Liger's), float64 for float64 inputs.
   For 16-bit inputs its value has been rounded to the input dtype by the core op (Liger: fp32);
   the gradients come from fp32 statistics.
@@ -136,15 +137,18 @@ def fused_linear_jsd(
     valid = labels != ignore_index
     n_valid = valid.sum().clamp_min(1)
     need_ce = w_hard != 0.0 or return_soft_hard_loss
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    # the mean over valid rows as row weights and the CE's share of the loss as ce_weight: the torch
+    # path's row-chunk schedule then forms the gradient of w_hard hard + w_soft soft in its forward
     out = fused_linear_divergence(
         x, student_weight, xt.detach(), teacher_weight.detach(), divergence=divergence, beta=kd_beta,
-        temperature=temperature, weight=valid.to(x.dtype), labels=labels if need_ce else None,
+        temperature=temperature, weight=valid.to(out_dtype) / n_valid, labels=labels if need_ce else None,
         ignore_index=ignore_index, reduction="sum", impl=impl, student_bias=student_bias,
         teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+        ce_weight=w_hard / w_soft if w_soft != 0.0 else 1.0,
     )
-    div_sum, hard = out if need_ce else (out, None)
-    out_dtype = torch.promote_types(x.dtype, torch.float32)
-    soft = div_sum.to(out_dtype) / n_valid
+    soft, hard = out if need_ce else (out, None)
+    soft = soft.to(out_dtype)
     hard = hard.to(out_dtype) if hard is not None else torch.zeros((), dtype=out_dtype, device=x.device)
     loss = w_hard * hard + w_soft * soft
     return (loss, soft, hard) if return_soft_hard_loss else loss

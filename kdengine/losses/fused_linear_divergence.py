@@ -1,7 +1,8 @@
 """Fused lm_head + divergence (+ student cross-entropy) without materialising [N, V] logits.
 
 The public function: argument checks and the one ``impl=`` dispatch. The parts live beside it:
-    fused_linear_divergence_torch.py     torch path (bounded [BN, BV] logits blocks)
+    fused_linear_divergence_torch.py     torch path (row chunks or streaming blocks, see budget.py)
+    budget.py                            the working-memory budget and the schedule it allows
     kdengine/kernels/fused_linear_divergence.py   Triton path
     reference.py                         materialising reference (oracle, naive baseline)
     divergences.py                       the divergence algebra and the per-row epilogue
@@ -10,7 +11,6 @@ The public function: argument checks and the one ``impl=`` dispatch. The parts l
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,21 +25,9 @@ from kdengine.losses.checks import (
     check_vector,
     resolve_impl,
 )
-from kdengine.losses.divergences import DEFAULT_BETA, DIVERGENCES, resolve_beta
+from kdengine.losses.budget import DEFAULT_BUDGET_MB_CPU, check_budget, resolve_budget_mb
+from kdengine.losses.divergences import DEFAULT_BETA, DIVERGENCES, compute_dtype, reduce_rows, resolve_beta
 from kdengine.losses.reference import fused_linear_divergence_reference
-
-DEFAULT_BLOCK_MB = 32.0
-DEFAULT_CACHE_MB = 0.0
-
-
-def default_block_mb() -> float:
-    """torch path block budget: ``KDENGINE_LOSS_BLOCK_MB`` (read at call time) or 32."""
-    return float(os.environ.get("KDENGINE_LOSS_BLOCK_MB", DEFAULT_BLOCK_MB))
-
-
-def default_cache_mb() -> float:
-    """torch path forward->backward logits cache: ``KDENGINE_LOSS_CACHE_MB`` (read at call time) or 0."""
-    return float(os.environ.get("KDENGINE_LOSS_CACHE_MB", DEFAULT_CACHE_MB))
 
 
 @dataclass(frozen=True)
@@ -51,8 +39,8 @@ class FusedLinearDivergenceParams:
     temperature: float = 1.0
     ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
-    block_mb: float = DEFAULT_BLOCK_MB
-    cache_mb: float = DEFAULT_CACHE_MB
+    budget_mb: float = DEFAULT_BUDGET_MB_CPU  # resolved (argument, env or device default)
+    ce_weight: float = 1.0
 
     @property
     def inv_t(self) -> float:
@@ -118,8 +106,9 @@ def fused_linear_divergence(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     impl: str = "auto",
-    block_mb: float | None = None,
-    cache_mb: float | None = None,
+    budget_mb: float | None = None,
+    ce_weight: float = 1.0,
+    return_rows: bool = False,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
 ):
@@ -146,32 +135,62 @@ def fused_linear_divergence(
             (0 when there are none).
         reduction: none -> [N] | sum | mean (divides by N; weights do not renormalise).
         impl: auto (triton on CUDA, torch elsewhere) | triton | torch | reference.
-        block_mb: torch path working-set budget per block (default: env KDENGINE_LOSS_BLOCK_MB, else 32).
-        cache_mb: logits kept from forward for backward, saving the recomputation
-            (default: env KDENGINE_LOSS_CACHE_MB, else 0).
+        budget_mb: working memory in MB the torch path may use beyond the inputs and their gradients
+            (default: env KDENGINE_LOSS_BUDGET_MB, else 512 on CPU and min(1024, free device memory / 8)
+            on CUDA). When it holds a chunk of min(N, 256) rows' logits and reduction is sum or mean,
+            rows run in chunks whose logits are computed once and the gradient is formed in the forward
+            (4 lm_head GEMMs for a trainable head, 3 frozen); otherwise logits blocks are streamed and
+            recomputed in the backward (6-8 GEMMs). See ``kdengine/losses/budget.py``. Below the
+            smallest streaming block it is a ValueError. The Triton path streams and ignores it.
+        ce_weight: the weight of the CE in the caller's loss, loss = div + ce_weight * ce (with labels).
+            The row-chunk schedule forms that gradient in the forward; a backward whose grad_ce / grad_div
+            differs recomputes the logits (correct, slower).
+        return_rows: also return the unweighted per-row divergences [N], detached (for metrics), last.
         student_bias: optional [V] lm_head bias of the student (trainable or frozen).
         teacher_bias: optional [Vt] lm_head bias of the teacher, no grad.
     Returns:
-        div ([N] or scalar), or (div, cross_entropy) when labels is given.
+        div ([N] or scalar), or (div, cross_entropy) when labels is given; (..., rows) with return_rows.
     """
     validate_divergence_args(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence,
                              beta, temperature, weight, labels, reduction, student_bias, teacher_bias)
     impl = resolve_impl(impl, student_hidden.device)
     if labels is not None:
         check_label_range(labels, ignore_index, student_weight.shape[0])
+    budget, budget_name = resolve_budget_mb(budget_mb, student_hidden.device)
+    check_budget(budget, budget_name, student_hidden.shape[0],
+                 torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8)
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not math.isfinite(ce_weight):
+        raise ValueError(f"ce_weight={ce_weight!r}; expected a finite number")
     params = FusedLinearDivergenceParams(
-        divergence, resolve_beta(divergence, beta), float(temperature), ignore_index, reduction,
-        default_block_mb() if block_mb is None else float(block_mb),
-        default_cache_mb() if cache_mb is None else float(cache_mb))
-    if impl == "reference":
-        return fused_linear_divergence_reference(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
-            temperature=params.temperature, weight=weight, labels=labels, ignore_index=ignore_index,
-            reduction=reduction, student_bias=student_bias, teacher_bias=teacher_bias)
+        divergence, resolve_beta(divergence, beta), float(temperature), ignore_index, reduction, budget,
+        float(ce_weight))
     if impl == "torch":
-        from kdengine.losses.fused_linear_divergence_torch import FusedLinearDivergenceFunction as function
+        from kdengine.losses.fused_linear_divergence_torch import FusedLinearDivergenceFunction
+
+        div, ce, rows = FusedLinearDivergenceFunction.apply(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, weight,
+            labels, params)
     else:
-        from kdengine.kernels.fused_linear_divergence import FusedLinearDivergenceTriton as function
-    div, ce = function.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                             teacher_bias, weight, labels, params)
-    return (div, ce) if labels is not None else div
+        if return_rows:  # these impls stream anyway: per-row values, weighted and reduced here
+            params = FusedLinearDivergenceParams(**{**params.__dict__, "reduction": "none"})
+        if impl == "reference":
+            out = fused_linear_divergence_reference(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+                temperature=params.temperature, weight=None if return_rows else weight, labels=labels,
+                ignore_index=ignore_index, reduction=params.reduction, student_bias=student_bias,
+                teacher_bias=teacher_bias)
+            div, ce = out if labels is not None else (out, None)
+        else:
+            from kdengine.kernels.fused_linear_divergence import FusedLinearDivergenceTriton
+
+            div, ce = FusedLinearDivergenceTriton.apply(
+                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                None if return_rows else weight, labels, params)
+        rows = None
+        if return_rows:
+            rows = div.detach()
+            div = reduce_rows(div * weight.to(div.dtype) if weight is not None else div, reduction)
+    out = (div, ce) if labels is not None else (div,)
+    if return_rows:
+        out = out + (rows,)
+    return out if len(out) > 1 else out[0]

@@ -1,28 +1,43 @@
-"""torch path of ``fused_linear_divergence``: an autograd.Function over bounded [BN, BV] logits blocks.
+"""torch path of ``fused_linear_divergence``: an autograd.Function with two schedules (``budget.py``).
 
-Passes (one "matmul unit" = one [N, V, D] GEMM):
+One "GEMM unit" = one [N, V, D] lm_head product.
+row_chunk (the budget holds a chunk of min(N, 256) rows and the loss is a scalar): per chunk of C rows
+    the student and teacher logits [C, V] are computed once and held; passes 1 and 2 below run over
+    column slices of the held chunk, and when any input needs grad the chunk's dlogits G (written over
+    the student logits) gives dX_chunk = G W and dW += G^T X_chunk, db += column sums of G in the
+    forward (gradient-in-forward). Backward only scales them by grad_output: 4 units for a trainable
+    head, 3 for a frozen one, 2 without grad. The gradient is that of ``div + ce_weight * ce``; a backward
+    whose grad_ce / grad_div differs from ``ce_weight`` recomputes as streaming does (correct, slower).
+streaming (smaller budgets, reduction="none"): bounded [BN, BV] logits blocks, recomputed:
     forward   pass 1: online log-sum-exp of student and teacher (+ CE), forward_kl loss online.
               pass 2: loss and per-row ``c`` for the other divergences (see ``divergences.py``).
     backward  one recomputation pass: dlogits block -> dX += G W, dW[block] = G^T X, db[block] = sum G.
     frozen head (no grad for the student weight or bias) with forward_kl: pass 1 also accumulates
     P_s W and P_t W with an online rescale (as flash-attention accumulates its output), so dX is
     ready after a single pass and backward only scales it.
-``cache_mb`` keeps logits blocks from the forward for the backward (trades memory for the
-recomputation); ``block_mb`` bounds the per-block working set.
+Both schedules share passes 1 and 2 and the dlogits (``_dlogits_block``); they differ only in where a
+logits block comes from (``_Logits``: recomputed by GEMM; ``_ChunkLogits``: a slice of the held chunk).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from kdengine.losses.divergences import as_compute, compute_dtype, divergence_grad, divergence_terms, finish_rows, row_coefficients
+from kdengine.losses.budget import choose_schedule, streaming_block
+from kdengine.losses.divergences import (
+    as_compute,
+    compute_dtype,
+    divergence_grad,
+    divergence_terms,
+    finish_rows,
+    row_coefficients,
+)
 
-# Number of [BN, BV] fp32 temporaries alive at once in a block step (measured: see benchmarks/losses.py).
-_BLOCK_TEMPORARIES = 6
-MAX_BLOCK_ROWS = 1024
+log = logging.getLogger(__name__)
 TEACHER_LOGIT_FLOOR = -1e38  # -inf teacher logits are clamped here: exp() is still exactly 0, products stay finite
 
 
@@ -36,57 +51,87 @@ class BlockPlan:
     vocab_blocks: list
 
     @staticmethod
-    def make(n: int, v_total: int, vc: int, block_mb: float) -> "BlockPlan":
-        rows = max(1, min(n, MAX_BLOCK_ROWS))
-        elems = int(block_mb * 2**20 / 4 / _BLOCK_TEMPORARIES)
-        cols = max(256, min(65536, (elems // rows) // 256 * 256))
+    def make(n: int, v_total: int, vc: int, rows: int, cols: int) -> "BlockPlan":
         blocks = [(v0, min(v0 + cols, vc)) for v0 in range(0, vc, cols)]
         blocks += [(v0, min(v0 + cols, v_total)) for v0 in range(vc, v_total, cols)]
-        return BlockPlan(rows, cols, vc, blocks)
+        return BlockPlan(max(1, rows), cols, vc, blocks)
+
+    @staticmethod
+    def streaming(n: int, v_total: int, vc: int, budget_mb: float, dtype: torch.dtype) -> "BlockPlan":
+        """Streaming blocks within ``budget_mb`` (``budget.streaming_block``) for inputs of ``dtype``."""
+        rows, cols = streaming_block(n, budget_mb, torch.finfo(compute_dtype(dtype)).bits // 8)
+        return BlockPlan.make(n, v_total, vc, rows, cols)
+
+
+def _head_logits(x_r, w, b, v0, v1, out):
+    """out [BN, v1 - v0] = x_r w[v0:v1]^T + b[v0:v1] in the compute dtype."""
+    w_blk = as_compute(w[v0:v1]).T
+    if b is None:
+        return torch.mm(x_r, w_blk, out=out)
+    return torch.addmm(as_compute(b[v0:v1]), x_r, w_blk, out=out)
+
+
+def _scale_teacher_(zt, inv_t):
+    """Teacher logits / T, -inf clamped to TEACHER_LOGIT_FLOOR, in place."""
+    if inv_t != 1.0:
+        zt.mul_(inv_t)
+    return zt.clamp_min_(TEACHER_LOGIT_FLOOR)
 
 
 class _Logits:
-    """Logits blocks of one call. Recomputed into two scratch buffers, or kept from the first pass
-    while ``cache_bytes`` lasts (teacher block first: it is the wider GEMM to redo).
+    """Streaming: logits blocks recomputed by GEMM into two scratch buffers.
     ``get`` returns (raw student logits [BN, BV], teacher logits / T [BN, BV] or None)."""
 
-    def __init__(self, xs, ws, bs, xt, wt, bt, inv_t, plan: BlockPlan, cache_bytes: int):
+    def __init__(self, xs, ws, bs, xt, wt, bt, inv_t, plan: BlockPlan):
         self.ws, self.bs, self.wt, self.bt, self.inv_t, self.vc = ws, bs, wt, bt, inv_t, plan.vc
-        self.budget = cache_bytes
-        self.cache: dict = {}
         rows = max(1, min(plan.rows, xs.shape[0]))
         dtype = compute_dtype(xs.dtype)
         self.buf_s = torch.empty(rows * plan.cols, device=xs.device, dtype=dtype)
         self.buf_t = torch.empty(rows * plan.cols, device=xs.device, dtype=dtype)
 
-    def _mm(self, x_r, w, b, v0, v1, key, buf):
-        if key in self.cache:
-            return self.cache[key], False
-        w_blk = as_compute(w[v0:v1]).T
-        nbytes = x_r.shape[0] * (v1 - v0) * x_r.element_size()
-        if nbytes <= self.budget:
-            self.budget -= nbytes
-            out = self.cache[key] = torch.empty(x_r.shape[0], v1 - v0, device=x_r.device, dtype=x_r.dtype)
-        else:
-            out = buf[: x_r.shape[0] * (v1 - v0)].view(x_r.shape[0], v1 - v0)
-        if b is None:
-            return torch.mm(x_r, w_blk, out=out), True
-        return torch.addmm(as_compute(b[v0:v1]), x_r, w_blk, out=out), True
-
-    def get(self, r0, xs_r, xt_r, v0, v1, writable=False):
-        """writable=True (last use, in backward): cached blocks are handed over and forgotten."""
+    def get(self, r0, xs_r, xt_r, v0, v1):
         zt = None
+        rows = xs_r.shape[0]
         if v0 < self.vc:
-            zt, fresh = self._mm(xt_r, self.wt, self.bt, v0, v1, ("t", r0, v0), self.buf_t)
-            if fresh:
-                if self.inv_t != 1.0:
-                    zt.mul_(self.inv_t)
-                zt.clamp_min_(TEACHER_LOGIT_FLOOR)
-        zs, _ = self._mm(xs_r, self.ws, self.bs, v0, v1, ("s", r0, v0), self.buf_s)
-        if writable:
-            self.cache.pop(("t", r0, v0), None)
-            self.cache.pop(("s", r0, v0), None)
-        return zs, zt
+            out = self.buf_t[: rows * (v1 - v0)].view(rows, v1 - v0)
+            zt = _scale_teacher_(_head_logits(xt_r, self.wt, self.bt, v0, v1, out), self.inv_t)
+        out = self.buf_s[: rows * (v1 - v0)].view(rows, v1 - v0)
+        return _head_logits(xs_r, self.ws, self.bs, v0, v1, out), zt
+
+
+class _ChunkLogits:
+    """Row chunk: the chunk's logits held whole, student [C, V_s] and teacher / T [C, Vc], computed once
+    per chunk (first ``get`` of a new r0). ``get`` returns column slices (views) of them; the student's
+    is overwritten by its dlogits in the gradient sweep. 16-bit weights are converted slice by slice."""
+
+    def __init__(self, xs, ws, bs, xt, wt, bt, inv_t, plan: BlockPlan, v_student: int):
+        self.ws, self.bs, self.wt, self.bt, self.inv_t, self.vc = ws, bs, wt, bt, inv_t, plan.vc
+        self.v_student = v_student
+        self.slice = v_student if ws.dtype == compute_dtype(ws.dtype) else plan.cols
+        rows = max(1, min(plan.rows, xs.shape[0]))
+        dtype = compute_dtype(xs.dtype)
+        self.zs_buf = torch.empty(rows * v_student, device=xs.device, dtype=dtype)
+        self.zt_buf = torch.empty(rows * plan.vc, device=xs.device, dtype=dtype)
+        self.r0 = None
+        self.zs = self.zt = None
+
+    def _fill(self, x_r, w, b, out):
+        width = out.shape[1]
+        if self.slice >= width:
+            return _head_logits(x_r, w, b, 0, width, out)
+        for v0 in range(0, width, self.slice):  # 16-bit weights: an fp32 slice at a time
+            v1 = min(width, v0 + self.slice)
+            out[:, v0:v1] = _head_logits(x_r, w, b, v0, v1, None)
+        return out
+
+    def get(self, r0, xs_r, xt_r, v0, v1):
+        if r0 != self.r0:
+            rows = xs_r.shape[0]
+            self.zs = self._fill(xs_r, self.ws, self.bs, self.zs_buf[: rows * self.v_student].view(rows, -1))
+            self.zt = _scale_teacher_(self._fill(xt_r, self.wt, self.bt,
+                                                 self.zt_buf[: rows * self.vc].view(rows, -1)), self.inv_t)
+            self.r0 = r0
+        return self.zs[:, v0:v1], (self.zt[:, v0:v1] if v0 < self.vc else None)
 
 
 class _Online:
@@ -171,6 +216,14 @@ class HeadGrads:
         if self.db is not None:
             self.db[v0:v1] += g.sum(0)
 
+    def scaled(self, scale: torch.Tensor) -> "HeadGrads":
+        """In place: every gradient times the scalar ``scale`` (skipped when it is 1)."""
+        if not bool(scale == 1):
+            for g in (self.dx, self.dw, self.db):
+                if g is not None:
+                    g.mul_(scale)
+        return self
+
     def result(self, xs, ws, bs) -> tuple:
         """(dX, dW, db) in the inputs' dtypes."""
         return tuple(g.to(like.dtype) if g is not None else None
@@ -179,8 +232,9 @@ class HeadGrads:
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """torch path. forward(xs [N, Ds], ws [V, Ds], bs [V] | None, xt [N, Dt], wt [Vt, Dt], bt [Vt] | None,
-    weight [N] | None, labels [N] | None, params: FusedLinearDivergenceParams) -> (div, ce): div is [N]
-    for reduction='none' else a scalar; ce a scalar (0 without labels). Gradients flow to xs, ws, bs."""
+    weight [N] | None, labels [N] | None, params: FusedLinearDivergenceParams) -> (div, ce, rows): div is
+    [N] for reduction='none' else a scalar; ce a scalar (0 without labels); rows the unweighted per-row
+    divergences [N], not differentiable. Gradients flow to xs, ws, bs."""
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, weight, labels, params):
@@ -189,23 +243,41 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         vc = min(v, vt)
         divergence = params.divergence
         has_labels = labels is not None
-        plan = BlockPlan.make(n, v if has_labels else vc, vc, params.block_mb)
+        v_total = v if has_labels else vc
         inv_t = params.inv_t
         head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         needs_grad = ctx.needs_input_grad[0] or head_grad
-        # frozen head + forward_kl: the whole gradient in one forward pass (see module docstring)
-        eager = ctx.needs_input_grad[0] and not head_grad and divergence == "forward_kl"
+        dev, ct = xs.device, compute_dtype(xs.dtype)
+        schedule = choose_schedule(n, v_total, vc, d + xt.shape[1], torch.finfo(ct).bits // 8, params.budget_mb,
+                                   params.reduction, ws.dtype == ct)
+        log.debug("fused_linear_divergence torch path: schedule=%s rows=%d cols=%d (N=%d, V=%d, Vt=%d, "
+                  "budget_mb=%g)", schedule.kind, schedule.rows, schedule.cols, n, v, vt, params.budget_mb)
+        plan = BlockPlan.make(n, v_total, vc, schedule.rows, schedule.cols)
+        row_chunk = schedule.kind == "row_chunk"
+        if row_chunk:
+            logits = _ChunkLogits(xs, ws, bs, xt, wt, bt, inv_t, plan, v_total)
+        else:
+            logits = _Logits(xs, ws, bs, xt, wt, bt, inv_t, plan)
+        # streaming, frozen head + forward_kl: the whole gradient in one forward pass (module docstring)
+        eager = not row_chunk and ctx.needs_input_grad[0] and not head_grad and divergence == "forward_kl"
+        in_forward = row_chunk and needs_grad  # gradient-in-forward
         # CE statistics need their own softmax unless they coincide with the student's
         separate_ce = has_labels and (inv_t != 1.0 or v != vc)
-        dev, ct = xs.device, compute_dtype(xs.dtype)
-        reuse = divergence != "forward_kl" or (needs_grad and not eager)
-        logits = _Logits(xs, ws, bs, xt, wt, bt, inv_t, plan, int(params.cache_mb * 2**20) if reuse else 0)
 
         m_s, ll_s, m_t, ll_t, lse_c, rows_loss, rows_c, z_label = (
             torch.zeros(n, device=dev, dtype=ct) for _ in range(8))
         dx_div = torch.zeros(n, d, device=dev, dtype=ct) if eager else None
         dx_ce = torch.zeros(n, d, device=dev, dtype=ct) if eager and has_labels else None
         diff = torch.empty(plan.rows * plan.cols, device=dev, dtype=ct) if divergence == "forward_kl" else None
+        stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c)
+        grads = None
+        if in_forward:  # the gradient of div + ce_weight * ce at grad_output 1
+            w_rows, valid, n_valid = _row_weights(weight, labels, params.ignore_index, ct)
+            one = torch.ones((), device=dev, dtype=ct)
+            coef_div, stats.coef_ce = row_coefficients(one, one * params.ce_weight, n, params.reduction,
+                                                        w_rows, valid, n_valid, ct)
+            stats.a_div, stats.labels = coef_div * inv_t, labels
+            grads = HeadGrads(ctx.needs_input_grad[:3], xs, ws, ct)
 
         for r0 in range(0, n, plan.rows):
             r1 = min(n, r0 + plan.rows)
@@ -237,33 +309,42 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 dx_div[r0:r1] = st_s.mat / st_s.l[:, None] - st_t.mat / st_t.l[:, None]
                 if has_labels:
                     src = st_c if st_c is not None else st_s
-                    valid = lab_r != params.ignore_index
-                    w_lab = as_compute(ws[torch.where(valid, lab_r, 0).long()])
-                    dx_ce[r0:r1] = src.mat / src.l[:, None] - w_lab * valid[:, None]
+                    valid_r = lab_r != params.ignore_index
+                    w_lab = as_compute(ws[torch.where(valid_r, lab_r, 0).long()])
+                    dx_ce[r0:r1] = src.mat / src.l[:, None] - w_lab * valid_r[:, None]
             if divergence == "forward_kl":
                 # sum_j p_t (t - s) = sum_j p_t (z_t - z_s) + lse_s - lse_t
                 # (lse_s - lse_t as (m_s - m_t) + (log l_s - log l_t): no cancellation of two large lse)
                 rows_loss[r0:r1] = st_t.acc / st_t.l + (m_s[r0:r1] - m_t[r0:r1]) + (ll_s[r0:r1] - ll_t[r0:r1])
-
-        stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c)
-        if divergence != "forward_kl":
-            _second_pass(plan, n, logits, xs, xt, stats, params, rows_loss)
+            del st_s, st_t, st_c  # their scratch blocks are free before the next sweeps
+            if divergence != "forward_kl":
+                _second_pass_rows(plan, (r0, r1), xs_r, xt_r, logits, stats, params, rows_loss)
+            if in_forward:
+                _chunk_gradient(plan, (r0, r1), xs_r, xt_r, logits, ws, stats, params, grads,
+                                fuse_ce=has_labels and not separate_ce)
 
         div, ce, w_rows, valid, n_valid = finish_rows(rows_loss, lse_c, z_label, weight, labels,
                                                       params.ignore_index, params.reduction)
-        ctx.save_for_backward(xs, ws, bs, xt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid,
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid,
                               n_valid, dx_div, dx_ce)
-        ctx.params, ctx.plan, ctx.eager, ctx.separate_ce = params, plan, eager, separate_ce
-        ctx.logits = logits if needs_grad and not eager else None
-        return div.to(xs.dtype), ce.to(xs.dtype)
+        ctx.params, ctx.eager, ctx.separate_ce, ctx.grads = params, eager, separate_ce, grads
+        rows_out = rows_loss.to(xs.dtype, copy=True)
+        ctx.mark_non_differentiable(rows_out)
+        return div.to(xs.dtype), ce.to(xs.dtype), rows_out
 
     @staticmethod
-    def backward(ctx, grad_div, grad_ce):
-        (xs, ws, bs, xt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
+    def backward(ctx, grad_div, grad_ce, _grad_rows):
+        (xs, ws, bs, xt, wt, bt, m_s, ll_s, m_t, ll_t, lse_c, rows_c, w_rows, labels, valid, n_valid,
          dx_div, dx_ce) = ctx.saved_tensors
-        params, plan = ctx.params, ctx.plan
+        params = ctx.params
         n = xs.shape[0]
         ct = compute_dtype(xs.dtype)
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None  # handed over once; a second backward recomputes
+            if labels is None or _same_ratio(grad_ce, grad_div, params.ce_weight):
+                return grads.scaled(grad_div.to(ct)).result(xs, ws, bs) + (None,) * 6
+            log.debug("fused_linear_divergence: grad_ce / grad_div = %g / %g differs from ce_weight=%g; "
+                      "recomputing the logits for the gradient", float(grad_ce), float(grad_div), params.ce_weight)
         coef_div, coef_ce = row_coefficients(grad_div, grad_ce, n, params.reduction, w_rows, valid, n_valid, ct)
         if ctx.eager:
             dxs = (coef_div * params.inv_t)[:, None] * dx_div
@@ -271,7 +352,10 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 dxs = dxs + coef_ce[:, None] * dx_ce
             return (dxs.to(xs.dtype),) + (None,) * 8
 
-        logits = ctx.logits  # cached blocks are handed over (popped) on use; a second backward recomputes
+        v, vt = ws.shape[0], wt.shape[0]
+        vc = min(v, vt)
+        plan = BlockPlan.streaming(n, v if labels is not None else vc, vc, params.budget_mb, xs.dtype)
+        logits = _Logits(xs, ws, bs, xt, wt, bt, params.inv_t, plan)
         grads = HeadGrads(ctx.needs_input_grad[:3], xs, ws, ct)
         stats = _RowStats(m_s, ll_s, m_t, ll_t, lse_c, rows_c, coef_div * params.inv_t, coef_ce, labels)
         fuse_ce = coef_ce is not None and not ctx.separate_ce  # CE softmax == student softmax: one exp
@@ -279,10 +363,41 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             r1 = min(n, r0 + plan.rows)
             xs_r, xt_r = as_compute(xs[r0:r1]), as_compute(xt[r0:r1])
             for v0, v1 in plan.vocab_blocks:
-                zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1, writable=True)
+                zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
                 g = _dlogits_block(zs_raw, zt, (r0, r1), (v0, v1), plan.vc, stats, params, fuse_ce)
                 grads.add(g, xs_r, ws, (r0, r1), (v0, v1))
         return grads.result(xs, ws, bs) + (None,) * 6
+
+
+def _row_weights(weight, labels, ignore_index, dtype):
+    """(w_rows, valid, n_valid) as ``finish_rows`` forms them, known before the rows are computed."""
+    w_rows = weight.detach().to(dtype) if weight is not None else None
+    if labels is None:
+        return w_rows, None, None
+    valid = labels != ignore_index
+    return w_rows, valid, valid.sum().clamp_min(1)
+
+
+def _same_ratio(grad_ce, grad_div, ce_weight, rtol=1e-6):
+    """grad_ce == ce_weight * grad_div up to rtol (the gradient formed in the forward assumed it)."""
+    want = ce_weight * float(grad_div)
+    return abs(float(grad_ce) - want) <= rtol * abs(want)
+
+
+def _chunk_gradient(plan, row_range, xs_r, xt_r, logits, ws, stats, params, grads, fuse_ce):
+    """Row chunk, gradient-in-forward: dlogits of each column slice written over the held student logits,
+    then dX_chunk = G W, dW += G^T X_chunk, db += sum G over the whole chunk (16-bit W: slice by slice)."""
+    r0, r1 = row_range
+    for v0, v1 in plan.vocab_blocks:
+        zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
+        g = _dlogits_block(zs_raw, zt, row_range, (v0, v1), plan.vc, stats, params, fuse_ce)
+        if g.data_ptr() != zs_raw.data_ptr():
+            zs_raw.copy_(g)
+        del g
+    g_chunk, width = logits.zs, logits.zs.shape[1]
+    for v0 in range(0, width, logits.slice):
+        v1 = min(width, v0 + logits.slice)
+        grads.add(g_chunk[:, v0:v1], xs_r, ws, row_range, (v0, v1))
 
 
 def _log_probs_(z, m, ll, r0, r1):
@@ -320,17 +435,16 @@ def _dlogits_block(zs_raw, zt, row_range, col_range, vc, stats: _RowStats, param
     return g
 
 
-def _second_pass(plan, n, logits, xs, xt, stats: _RowStats, params, rows_loss):
-    """Loss rows and per-row c = sum p_s h (into stats.c) for divergences that need normalised probabilities."""
-    for r0 in range(0, n, plan.rows):
-        r1 = min(n, r0 + plan.rows)
-        xs_r, xt_r = as_compute(xs[r0:r1]), as_compute(xt[r0:r1])
-        for v0, v1 in plan.vocab_blocks:
-            if v0 >= plan.vc:
-                break
-            zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
-            s = _log_probs_(zs_raw * params.inv_t, stats.m_s, stats.ll_s, r0, r1)
-            t = _log_probs_(zt.clone(), stats.m_t, stats.ll_t, r0, r1)
-            elem, h = divergence_terms(s, t, params.divergence, params.beta)
-            rows_loss[r0:r1] += elem.sum(-1)
-            stats.c[r0:r1] += torch.linalg.vecdot(s.exp_(), h)
+def _second_pass_rows(plan, row_range, xs_r, xt_r, logits, stats: _RowStats, params, rows_loss):
+    """Loss rows and per-row c = sum p_s h (into stats.c) of rows [r0, r1), for divergences that need
+    normalised probabilities."""
+    r0, r1 = row_range
+    for v0, v1 in plan.vocab_blocks:
+        if v0 >= plan.vc:
+            break
+        zs_raw, zt = logits.get(r0, xs_r, xt_r, v0, v1)
+        s = _log_probs_(zs_raw * params.inv_t, stats.m_s, stats.ll_s, r0, r1)
+        t = _log_probs_(zt.clone(), stats.m_t, stats.ll_t, r0, r1)
+        elem, h = divergence_terms(s, t, params.divergence, params.beta)
+        rows_loss[r0:r1] += elem.sum(-1)
+        stats.c[r0:r1] += torch.linalg.vecdot(s.exp_(), h)

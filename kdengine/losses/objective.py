@@ -4,7 +4,10 @@
     L_vis  divergence averaged over visual-token positions
     L_rel  Gram-cosine RDist over each image's visual tokens
 One fused_linear_divergence call covers the response and visual rows and gives the student's CE
-from the same vocabulary pass; neither model ever produces [tokens, V] logits.
+from the same vocabulary pass; neither model ever produces [tokens, V] logits. It returns one scalar,
+alpha L_res + beta L_vis (the weights and the means over rows as per-row ``weight=``), so the torch
+path can form the gradient in the forward (see kdengine/losses/budget.py); L_res and L_vis themselves
+are reported detached, for the metrics.
 """
 
 from __future__ import annotations
@@ -61,14 +64,19 @@ def llava_kd_loss(student, teacher, weights: LossWeights, settings: DistillSetti
         xt = teacher.hidden[rows].detach().to(xs.dtype)
         wt = _frozen(teacher.lm_head_weight, xs.dtype)
         labels = torch.where(is_resp, student.next_labels[rows], IGNORE_INDEX)
-        div_rows, ce = fused_linear_divergence(
-            xs, student.lm_head_weight, xt, wt, divergence=settings.divergence, beta=settings.beta,
-            temperature=settings.temperature, labels=labels, reduction="none", impl=settings.impl)
         n_res = is_resp.sum().clamp_min(1)
         n_vis = (~is_resp).sum().clamp_min(1)
-        l_res = torch.where(is_resp, div_rows, 0.0).sum() / n_res
+        # the res/vis weights and their means as row weights: one scalar loss, whose gradient the torch
+        # path's row-chunk schedule forms in the forward (ce_weight tells it the CE's share)
+        wdt = torch.float64 if xs.dtype == torch.float64 else torch.float32
+        row_weight = torch.where(is_resp, weights.res / n_res.to(wdt), weights.vis / n_vis.to(wdt))
+        div, ce, div_rows = fused_linear_divergence(
+            xs, student.lm_head_weight, xt, wt, divergence=settings.divergence, beta=settings.beta,
+            temperature=settings.temperature, weight=row_weight, labels=labels, reduction="sum",
+            ce_weight=weights.ce, return_rows=True, impl=settings.impl)
+        l_res = torch.where(is_resp, div_rows, 0.0).sum() / n_res  # detached per-term values, for the metrics
         l_vis = torch.where(is_resp, 0.0, div_rows).sum() / n_vis
-        total = weights.ce * ce + weights.res * l_res + weights.vis * l_vis
+        total = weights.ce * ce + div
         terms.update(ce=ce, res=l_res, vis=l_vis)
         if weights.rel != 0:
             l_rel = _rdist(student, teacher, num_image_tokens, settings)

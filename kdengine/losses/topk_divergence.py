@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdengine.losses.budget import DEFAULT_BUDGET_MB_CPU, check_budget, resolve_budget_mb
 from kdengine.losses.checks import (
     IGNORE_INDEX,
     ROW_REDUCTIONS,
@@ -23,7 +24,7 @@ from kdengine.losses.checks import (
     check_vector,
     resolve_impl,
 )
-from kdengine.losses.fused_linear_divergence import default_block_mb
+from kdengine.losses.divergences import compute_dtype
 from kdengine.losses.settings import TOPK_TAILS as TAILS
 from kdengine.losses.topk_rows import PAD_ID
 
@@ -41,7 +42,7 @@ class TopkDivergenceParams:
     tail: str = "renormalise"
     ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
-    block_mb: float = 32.0
+    budget_mb: float = DEFAULT_BUDGET_MB_CPU  # resolved; the torch path streams within it
 
     @property
     def inv_t(self) -> float:
@@ -149,7 +150,7 @@ def topk_divergence(
     impl: str = "auto",
     student_bias: torch.Tensor | None = None,
     divergence: str = "forward_kl",
-    block_mb: float | None = None,
+    budget_mb: float | None = None,
 ):
     """Forward KL from the teacher's top-k distribution to the student, over the full vocabulary.
 
@@ -182,7 +183,8 @@ def topk_divergence(
         impl: auto (triton on CUDA, torch elsewhere) | triton | torch | reference.
         student_bias: optional [V] lm_head bias (trainable or frozen).
         divergence: only "forward_kl"; anything else is a ValueError (top-k cannot give it exactly).
-        block_mb: torch path working-set budget per block (default: env KDENGINE_LOSS_BLOCK_MB, else 32).
+        budget_mb: torch path working memory in MB, which sets its streaming block (default: env
+            KDENGINE_LOSS_BUDGET_MB, else as ``fused_linear_divergence``; see kdengine/losses/budget.py).
     Returns:
         div ([N] or scalar), or (div, cross_entropy) when labels is given.
     Checks that need values (ids in [0, V) or -1, distinct ids, log-probabilities <= 0, top-k mass <= 1)
@@ -195,8 +197,10 @@ def topk_divergence(
     check_topk_values(teacher_ids, teacher_logprobs, v)
     if labels is not None:
         check_label_range(labels, ignore_index, v)
-    params = TopkDivergenceParams(float(temperature), tail, ignore_index, reduction,
-                                  default_block_mb() if block_mb is None else float(block_mb))
+    budget, budget_name = resolve_budget_mb(budget_mb, student_hidden.device)
+    check_budget(budget, budget_name, student_hidden.shape[0],
+                 torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8)
+    params = TopkDivergenceParams(float(temperature), tail, ignore_index, reduction, budget)
     if impl == "reference":
         from kdengine.losses.reference import topk_divergence_reference
 

@@ -60,7 +60,7 @@ class TopkDivergenceFunction(torch.autograd.Function):
         dev, ct, inv_t = xs.device, compute_dtype(xs.dtype), params.inv_t
         tail = params.tail == "tail"
         separate_ce = labels is not None and inv_t != 1.0
-        plan = BlockPlan.make(n, v, v, params.block_mb)
+        plan = BlockPlan.streaming(n, v, v, params.budget_mb, xs.dtype)
         bins = teacher_bins(ids == PAD_ID, logprobs, params.tail, ct)
         zk = torch.full(ids.shape, math.nan, device=dev, dtype=ct)
         m, ll, m_out, ll_out, lse_c, z_label = (torch.zeros(n, device=dev, dtype=ct) for _ in range(6))
