@@ -19,6 +19,7 @@ from kdengine.cache.manifest import Manifest, save_manifest
 from kdengine.train import kinds
 from kdengine.train.config import ConfigError, load_config, stage_seed_of
 from kdengine.train.kinds import CACHE_KIND, KINDS, StageKind, stage_seed
+from test_teacher_cache_stage import MODELS, data_dir  # noqa: F401 (the tiny models and the module fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -239,21 +240,7 @@ def test_stage_seeds_are_a_stable_function_of_the_name():
     assert stage_seed_of(moved, moved.stages[4]) == seeds["student_sft"]  # seed_as: the other stage's draws
 
 
-VISION = dict(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2,
-              vision_intermediate=32, max_positions=256, vision_seed=0)
-TEXT = dict(text_heads=4, text_kv_heads=2)
-MODELS = {"teacher": dict(**VISION, **TEXT, text_hidden=64, text_layers=2, text_intermediate=128, seed=2),
-          "student": dict(**VISION, **TEXT, text_hidden=32, text_layers=1, text_intermediate=64, seed=1)}
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from kdengine.data import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out, seed=0, n_caption=2, n_instruct=24, n_eval=1, image_size=32, vocab_size=600)
-    return str(out)
 
 
 def train_dft(data_dir: str, run_dir: str, cache_first: bool, name: str = "s_dft") -> list[dict]:

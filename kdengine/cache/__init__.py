@@ -13,7 +13,7 @@ cache stage and the ``kdengine teacher-cache`` command that run these are in ``k
 (``cache_stage``, ``cache_commands``).
 """
 
-import importlib
+from kdengine.lazy import lazy_getattr
 
 _EXPORTS = {
     "bytes_per_sample": "format", "head_bytes": "format",
@@ -27,7 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdengine.cache' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"kdengine.cache.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 Names load on first use (PEP 562), so the records, templates and synthetic data import without torch.
 """
 
-import importlib
+from kdengine.lazy import lazy_getattr
 
 _EXPORTS = {
     "LlavaCollator": "collator",
@@ -19,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdengine.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"kdengine.data.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

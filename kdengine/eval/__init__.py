@@ -8,7 +8,7 @@ distillation diagnostics (perplexity, KL to the teacher) through the fused losse
 Names load on first use (PEP 562), so ``kdengine.eval.checkpoint_files`` imports without torch.
 """
 
-import importlib
+from kdengine.lazy import lazy_getattr
 
 _EXPORTS = {
     "distill_diagnostics": "diagnostics", "heldout_records": "diagnostics",
@@ -22,7 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdengine.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"kdengine.eval.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

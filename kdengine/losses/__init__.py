@@ -12,9 +12,10 @@ Names load on first use (PEP 562), so ``kdengine.losses.settings`` (the objectiv
 a training config checks) imports without torch.
 """
 
-import importlib
 import sys
 import types
+
+from kdengine.lazy import lazy_getattr
 
 _EXPORTS = {
     "DIVERGENCES": "settings", "DistillSettings": "settings", "LossWeights": "settings",
@@ -29,10 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdengine.losses' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"kdengine.losses.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

@@ -4,7 +4,7 @@ Names load on first use (PEP 562), so ``kdengine.model.spec`` (the specs a train
 imports without torch or transformers.
 """
 
-import importlib
+from kdengine.lazy import lazy_getattr
 
 _EXPORTS = {
     "COMPONENTS": "spec", "ModelSpec": "spec", "TINY_STUDENT": "spec", "TINY_TEACHER": "spec", "TinySpec": "spec",
@@ -19,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdengine.model' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"kdengine.model.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
